@@ -1,0 +1,7 @@
+"""`python -m vit_mqa ...` (what torchrun launches) is the `vit-mqa` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

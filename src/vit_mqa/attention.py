@@ -1,0 +1,87 @@
+"""Grouped-query self-attention (multi-query when ``num_kv_heads == 1``).
+
+``num_heads`` query heads share ``num_kv_heads`` key/value heads: query head ``h``
+reads key/value head ``h // (num_heads // num_kv_heads)`` (the order of
+``torch.repeat_interleave`` and of SDPA's ``enable_gqa``).
+
+The K/V heads are never copied per query head. Instead, the query heads of one
+group are folded into the sequence axis: a group's ``G`` query heads over ``N``
+tokens become one "head" of ``G * N`` queries that attends over the group's ``N``
+keys. Without a mask this is exactly grouped-query attention, runs through
+``scaled_dot_product_attention`` on every torch >= 2.4, and makes the score
+matrix product one large GEMM per K/V head instead of ``G`` small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int = 1,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads {num_kv_heads} must be a divisor of num_heads {num_heads}"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        # One fused projection: [q heads | k heads | v heads] along the output axis.
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _grouped_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return q as (B, KV, G*N, hd) and k, v as (B, KV, N, hd)."""
+        B, N, _ = x.shape
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = self.q_norm(q.view(B, N, H, hd)).transpose(1, 2)  # (B, H, N, hd)
+        k = self.k_norm(k.view(B, N, KV, hd)).transpose(1, 2)  # (B, KV, N, hd)
+        v = v.view(B, N, KV, hd).transpose(1, 2)
+        # Heads h = g*G .. g*G+G-1 belong to group g: fold them into the sequence.
+        q = q.reshape(B, KV, (H // KV) * N, hd)
+        return q, k, v
+
+    def _merge_heads(self, out: torch.Tensor, B: int, N: int) -> torch.Tensor:
+        # (B, KV, G*N, hd) -> (B, H, N, hd) -> (B, N, H*hd)
+        return out.reshape(B, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B, N, -1)
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend over ``x`` (B, N, dim).
+
+        Returns the output and, only when ``return_attention`` is set, the attention
+        probabilities (B, num_heads, N, N). The ordinary path uses the fused SDPA
+        kernel; asking for the weights computes them explicitly for that call only.
+        """
+        B, N, _ = x.shape
+        q, k, v = self._grouped_qkv(x)
+        drop = self.attn_drop if self.training else 0.0
+        if not return_attention:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            return self.proj_drop(self.proj(self._merge_heads(out, B, N))), None
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, KV, G*N, N)
+        attn = attn.softmax(dim=-1)
+        weights = attn.reshape(B, self.num_heads, N, N)
+        out = F.dropout(attn, drop) @ v
+        return self.proj_drop(self.proj(self._merge_heads(out, B, N))), weights

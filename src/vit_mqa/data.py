@@ -1,0 +1,430 @@
+"""Datasets held in memory as uint8 tensors.
+
+MNIST and Fashion-MNIST come from their standard IDX files (gzip or raw), found
+by a fixed lookup order and verified by the SHA-256 of their uncompressed
+content; a missing copy is downloaded into the per-user cache. A folder of
+images with one sub-folder per class (the ImageFolder layout) is decoded once,
+at load time, into the same uint8 form. Nothing is decoded per sample while
+training: batches are slices of one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .errors import VitMqaError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
+                    ".ppm")
+SPLIT_NAMES = ("train-images", "train-labels", "test-images", "test-labels")
+
+
+@dataclass(frozen=True)
+class IdxDatasetSpec:
+    """A dataset published as the four MNIST-style IDX files."""
+
+    name: str
+    directory: str  # sub-folder name under each data root
+    files: dict[str, str]  # split name -> file name without ".gz"
+    sha256: dict[str, str]  # split name -> SHA-256 of the uncompressed file
+    mirrors: tuple[str, ...]
+    classes: tuple[str, ...]
+    mean: float
+    std: float
+
+
+_IDX_FILES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "test-images": "t10k-images-idx3-ubyte",
+    "test-labels": "t10k-labels-idx1-ubyte",
+}
+
+DATASETS: dict[str, IdxDatasetSpec] = {
+    "mnist": IdxDatasetSpec(
+        name="mnist",
+        directory="mnist",
+        files=_IDX_FILES,
+        sha256={
+            "train-images": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "test-images": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "test-labels": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        classes=tuple(str(i) for i in range(10)),
+        mean=0.1307,
+        std=0.3081,
+    ),
+    "fashion-mnist": IdxDatasetSpec(
+        name="fashion-mnist",
+        directory="fashion-mnist",
+        files=_IDX_FILES,
+        sha256={
+            "train-images": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "test-images": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "test-labels": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        },
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        mean=0.2860,
+        std=0.3530,
+    ),
+}
+
+
+@dataclass
+class DataConfig:
+    """Which data, where from, and how it is split; the "data" part of config.json."""
+
+    dataset: str = "mnist"  # "mnist", "fashion-mnist", or a path to an image folder
+    data_dir: str | None = None  # searched first, then $VIT_MQA_DATA, cache, /usr/share/datasets
+    val_size: int = 5000  # images carved from the training set, with a fixed seed
+    split_seed: int = 0  # the validation split does not move with the training seed
+    image_size: int | None = None  # resize image-folder data to this; None keeps the native size
+    download: bool = True  # fetch a missing MNIST / Fashion-MNIST into the cache
+
+
+@dataclass
+class Preprocess:
+    """How raw pixels become model input; saved with every run so that prediction
+    sees exactly what training saw."""
+
+    image_size: tuple[int, int]
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "stretch"  # images of another size are resized to image_size (bilinear)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(tuple(d["image_size"]), int(d["in_channels"]), tuple(d["mean"]),
+                   tuple(d["std"]), d.get("resize", "stretch"))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] (B, C, H, W) -> normalised model input."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.normalize(images_uint8.float().div_(255.0))
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    preprocess: Preprocess
+    source: str  # where the files were found, for the log
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise VitMqaError(f"cannot read {path}: corrupt or truncated file ({e})") from None
+
+
+def parse_idx(raw: bytes, source: str | Path) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes (the only type MNIST-style sets use)."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise VitMqaError(f"{source} is not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise VitMqaError(f"{source}: IDX data type 0x{raw[2]:02x} is not unsigned bytes")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise VitMqaError(f"{source}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != int(np.prod(shape)):
+        raise VitMqaError(
+            f"{source}: IDX header says shape {shape} but holds {len(raw) - header} bytes"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vit-mqa"
+
+
+def data_roots(data_dir: str | None) -> list[Path]:
+    """The lookup order: --data-dir, $VIT_MQA_DATA, the per-user cache, /usr/share/datasets."""
+    roots = [data_dir, os.environ.get("VIT_MQA_DATA"), str(cache_dir()), "/usr/share/datasets"]
+    return [Path(r).expanduser() for r in roots if r]
+
+
+def locate_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None) -> Path | None:
+    """First folder in the lookup order that holds all four files (as root/<name> or root)."""
+    for root in data_roots(data_dir):
+        for directory in (root / spec.directory, root):
+            if all(_find_file(directory, stem) for stem in spec.files.values()):
+                return directory
+    return None
+
+
+def _mirrors(spec: IdxDatasetSpec) -> list[str]:
+    override = os.environ.get("VIT_MQA_MIRRORS")
+    return override.split() if override else list(spec.mirrors)
+
+
+def download_idx_dataset(spec: IdxDatasetSpec, mirrors: Sequence[str] | None = None) -> Path:
+    """Fetch the four files into the cache, verifying each before it is moved into place."""
+    target = cache_dir() / spec.directory
+    target.mkdir(parents=True, exist_ok=True)
+    mirrors = list(mirrors) if mirrors is not None else _mirrors(spec)
+    for split, stem in spec.files.items():
+        if _find_file(target, stem):
+            continue
+        errors = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + stem + ".gz"
+            try:
+                _download_verified(url, target / (stem + ".gz"), spec.sha256[split])
+                break
+            except (urllib.error.URLError, OSError, VitMqaError) as e:
+                errors.append(f"{url}: {getattr(e, 'reason', e)}")
+        else:
+            names = ", ".join(s + ".gz" for s in spec.files.values())
+            raise VitMqaError(
+                f"{spec.name} not found locally and the download failed "
+                f"({'; '.join(errors)}). Put the four IDX files ({names}) "
+                f"in {target} or pass --data-dir DIR (or set VIT_MQA_DATA)"
+            )
+    return target
+
+
+def _download_verified(url: str, dest: Path, sha256: str) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None,
+                      leave=False, file=sys.stderr) as bar:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        digest = hashlib.sha256(_read_gz_file(tmp)).hexdigest()
+        if digest != sha256:
+            raise VitMqaError(f"checksum mismatch (sha256 {digest}, expected {sha256})")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_gz_file(path: Path) -> bytes:
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise VitMqaError(f"downloaded file is not valid gzip ({e})") from None
+
+
+def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
+                     download: bool = True) -> tuple[dict[str, np.ndarray], Path]:
+    """Find (or download), verify and parse the four files."""
+    directory = locate_idx_dataset(spec, data_dir)
+    if directory is None:
+        if not download:
+            places = ", ".join(str(r / spec.directory) for r in data_roots(data_dir))
+            raise VitMqaError(f"{spec.name} not found in {places}; pass --data-dir DIR "
+                              "or allow the download")
+        directory = download_idx_dataset(spec)
+    arrays = {}
+    for split, stem in spec.files.items():
+        path = _find_file(directory, stem)
+        assert path is not None
+        raw = _read_maybe_gz(path)
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != spec.sha256[split]:
+            raise VitMqaError(f"checksum mismatch for {path}: sha256 of its content is {digest}, "
+                              f"expected {spec.sha256[split]}; replace the file")
+        arrays[split] = parse_idx(raw, path)
+    return arrays, directory
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def read_image(path: str | Path, image_size: tuple[int, int], in_channels: int) -> torch.Tensor:
+    """Any image file Pillow reads -> uint8 (C, H, W), resized (stretched) to image_size."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # Composite transparency onto black, the background of MNIST-style data.
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img)
+            img = img.convert("L" if in_channels == 1 else "RGB")
+            h, w = image_size
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
+            array = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise VitMqaError(f"cannot read image {path}: {e}") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if in_channels not in (1, 3):
+        raise VitMqaError(f"image files give 1 or 3 channels, the model wants {in_channels}")
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files among paths, searching folders recursively, in sorted order."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise VitMqaError(f"no such file or folder: {p}")
+    return found
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[int, int] | None,
+                      in_channels: int | None) -> tuple[Split, list[str], tuple[int, int], int]:
+    """Decode every image under root/<class>/ into one uint8 tensor."""
+    if not root.is_dir():
+        raise VitMqaError(f"image folder {root} does not exist")
+    folders = _class_folders(root)
+    if classes is None:
+        classes = [d.name for d in folders]
+        if len(classes) < 2:
+            raise VitMqaError(f"{root} needs one sub-folder per class (found {len(classes)})")
+    elif sorted(d.name for d in folders) != sorted(classes):
+        raise VitMqaError(f"{root} has class folders {[d.name for d in folders]}, "
+                          f"expected {classes}")
+    files = [(f, i) for i, c in enumerate(classes) for f in list_images([root / c])]
+    if not files:
+        raise VitMqaError(f"no images found under {root}")
+    if image_size is None or in_channels is None:
+        try:
+            with Image.open(files[0][0]) as first:
+                size = (first.height, first.width)
+                gray = first.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except (OSError, UnidentifiedImageError) as e:
+            raise VitMqaError(f"cannot read image {files[0][0]}: {e}") from None
+        image_size = image_size or size
+        in_channels = in_channels or (1 if gray else 3)
+    images = torch.empty(len(files), in_channels, *image_size, dtype=torch.uint8)
+    for n, (f, _) in enumerate(tqdm(files, desc=f"decoding {root.name}", disable=None,
+                                    leave=False, file=sys.stderr)):
+        images[n] = read_image(f, image_size, in_channels)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return Split(images, labels), classes, image_size, in_channels
+
+
+# ---------------------------------------------------------------- splits and entry point
+
+
+def _holdout(split: Split, size: int, seed: int, what: str) -> tuple[Split, Split]:
+    if not 0 < size < len(split) // 2 + 1:
+        raise VitMqaError(f"{what} of {size} images does not fit a training set of "
+                          f"{len(split)} images; pass a smaller --val-size")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    keep, held = order[size:].sort().values, order[:size].sort().values
+    return (Split(split.images[keep], split.labels[keep]),
+            Split(split.images[held], split.labels[held]))
+
+
+def load_data(config: DataConfig) -> Data:
+    """Load train / validation / test splits as uint8 tensors, per the config."""
+    spec = DATASETS.get(config.dataset)
+    if spec is not None:
+        arrays, directory = load_idx_dataset(spec, config.data_dir, config.download)
+
+        def split(prefix: str) -> Split:
+            images = torch.from_numpy(arrays[f"{prefix}-images"].copy()).unsqueeze(1)
+            labels = torch.from_numpy(arrays[f"{prefix}-labels"].astype(np.int64))
+            if images.shape[0] != labels.shape[0]:
+                raise VitMqaError(f"{spec.name} {prefix}: {images.shape[0]} images "
+                                  f"but {labels.shape[0]} labels")
+            return Split(images, labels)
+
+        train, test = split("train"), split("test")
+        classes = list(spec.classes)
+        mean, std = (spec.mean,), (spec.std,)
+        source = str(directory)
+    else:
+        root = Path(config.dataset).expanduser()
+        if not root.is_dir():
+            raise VitMqaError(f"unknown dataset {config.dataset!r}: not one of "
+                              f"{', '.join(DATASETS)} and not an image folder")
+        size = (config.image_size, config.image_size) if config.image_size else None
+        train_root = root / "train" if (root / "train").is_dir() else root
+        train, classes, size, channels = load_image_folder(train_root, None, size, None)
+        test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+        if test_root is not None and train_root != root:
+            test = load_image_folder(test_root, classes, size, channels)[0]
+        else:
+            # No test folder: hold out a fixed test split the same size as validation.
+            train, test = _holdout(train, config.val_size, config.split_seed + 1, "a test split")
+        pixels = train.images.float().div_(255.0)
+        mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 2, 3)).tolist())
+        source = str(root)
+    train, val = _holdout(train, config.val_size, config.split_seed, "a validation split")
+    in_channels, h, w = train.images.shape[1:]
+    preprocess = Preprocess((int(h), int(w)), int(in_channels), mean, std)
+    return Data(train, val, test, classes, preprocess, source)
+

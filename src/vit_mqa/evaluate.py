@@ -1,0 +1,63 @@
+"""Batched inference over in-memory splits: loss, accuracy, per-class accuracy, confusion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import Preprocess, Split
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess: Preprocess,
+                   batch_size: int = 1000, device: torch.device | str = "cpu",
+                   bf16: bool = False) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 logits (N, classes) on the CPU."""
+    model.eval()
+    device = torch.device(device)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: torch.nn.Module, split: Split, preprocess: Preprocess,
+             batch_size: int = 1000, device: torch.device | str = "cpu",
+             bf16: bool = False) -> dict[str, Any]:
+    """Loss and accuracy of the model on a split (predictions kept for reports)."""
+    logits = predict_logits(model, split.images, preprocess, batch_size, device, bf16)
+    predictions = logits.argmax(dim=1)
+    return {
+        "loss": F.cross_entropy(logits, split.labels).item(),
+        "accuracy": (predictions == split.labels).float().mean().item(),
+        "predictions": predictions,
+    }
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor,
+                     num_classes: int) -> torch.Tensor:
+    """Rows are true classes, columns predicted classes."""
+    flat = labels * num_classes + predictions
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def classification_report(predictions: torch.Tensor, labels: torch.Tensor,
+                          classes: list[str]) -> dict[str, Any]:
+    matrix = confusion_matrix(predictions, labels, len(classes))
+    support = matrix.sum(dim=1)
+    per_class = {
+        name: {"accuracy": (matrix[i, i] / support[i]).item() if support[i] else None,
+               "support": int(support[i])}
+        for i, name in enumerate(classes)
+    }
+    return {
+        "accuracy": (matrix.diag().sum() / matrix.sum()).item(),
+        "num_images": int(matrix.sum()),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+        "classes": list(classes),
+    }

@@ -1,0 +1,381 @@
+"""Training: one function, ``train(config, run_dir)``, that the CLI and notebooks call.
+
+A run is fully described by its config, a plain nested dict with the sections
+"model", "data", "augment" and "train" (plus the preset's name). ``build_config``
+layers defaults < preset < JSON file < explicit overrides; ``train`` writes the
+run directory described in ``checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import __version__
+from .augment import AugmentConfig, random_affine
+from .checkpoint import (
+    CONFIG_NAME,
+    LAST_WEIGHTS_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
+    STATE_NAME,
+    WEIGHTS_NAME,
+    append_jsonl,
+    load_training_state,
+    load_weights,
+    read_config,
+    save_training_state,
+    save_weights,
+    write_json,
+)
+from .data import Data, DataConfig, load_data
+from .errors import VitMqaError
+from .evaluate import classification_report, evaluate
+from .model import VisionTransformer, ViTConfig, count_parameters
+from .presets import DEFAULT_PRESET, PRESETS
+
+
+@dataclass
+class TrainConfig:
+    """The "train" part of config.json."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3  # peak learning rate, reached after warm-up
+    min_lr: float = 1e-5  # end of the cosine decay
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, CLS token
+    beta2: float = 0.999
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 switches clipping off
+    bf16: bool = False  # bf16 autocast (fast on GPUs and CPUs with native bf16 matmul)
+    seed: int = 0  # fixes initialisation, data order, augmentation and dropout
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    eval_batch_size: int = 1000
+    max_steps: int = 0  # stop after this many optimizer steps in all (0 = no cap)
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise VitMqaError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise VitMqaError(f"need 0 <= min_lr <= lr and lr > 0, got {self.min_lr}, {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise VitMqaError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise VitMqaError("warmup_epochs, weight_decay and grad_clip must be >= 0")
+        if self.max_steps < 0:
+            raise VitMqaError(f"max_steps must be >= 0, got {self.max_steps}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ViTConfig,
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "train": TrainConfig,
+}
+# Settings a resumed run may change: where data lives, where it runs, how long.
+RESUME_OVERRIDABLE = (("train", "epochs"), ("train", "max_steps"), ("train", "device"),
+                      ("train", "eval_batch_size"), ("data", "data_dir"))
+# Taken from the data, never from a flag.
+DERIVED_MODEL_FIELDS = ("image_size", "in_channels", "num_classes")
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    config = {}
+    for section, cls in SECTIONS.items():
+        config[section] = {f.name: copy.deepcopy(f.default) for f in dataclasses.fields(cls)}
+    config["model"]["image_size"] = list(ViTConfig().image_size)
+    return config
+
+
+def field_section(name: str) -> str:
+    """The section that owns a flat setting name (names are unique across sections)."""
+    for section, cls in SECTIONS.items():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            if section == "model" and name in DERIVED_MODEL_FIELDS:
+                break
+            return section
+    raise VitMqaError(f"unknown setting {name!r}")
+
+
+def _merge(config: dict[str, dict[str, Any]], layer: dict[str, Any], origin: str) -> None:
+    for section, values in layer.items():
+        if section == "preset":
+            continue
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise VitMqaError(f"{origin}: unknown config section {section!r} "
+                              f"(expected {', '.join(SECTIONS)})")
+        for key, value in values.items():
+            if key not in config[section]:
+                raise VitMqaError(f"{origin}: unknown setting {section}.{key}")
+            config[section][key] = value
+
+
+def build_config(preset: str | None = None, config_file: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """defaults < preset < JSON config file < overrides (flat names, e.g. {"lr": 1e-3})."""
+    config: dict[str, Any] = default_config()
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise VitMqaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    _merge(config, PRESETS[preset], f"preset {preset}")
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            layer = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise VitMqaError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(layer, dict):
+            raise VitMqaError(f"config file {path} must hold a JSON object")
+        _merge(config, layer, str(path))
+    for name, value in (overrides or {}).items():
+        config[field_section(name)][name] = value
+    config["preset"] = preset
+    return config
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VitMqaError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitMqaError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def make_optimizer(model: VisionTransformer, cfg: TrainConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, position embeddings and the CLS token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or name in ("pos_embed", "cls_token"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, cfg.beta2)}
+    try:
+        # The fused kernel updates every tensor in one pass (CPU and CUDA, torch >= 2.4).
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=device.type != "cpu", **kwargs)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up from 0 to 1, then cosine decay to min_ratio, as a factor of lr."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    # Per-epoch streams: an epoch's data order and augmentation depend only on
+    # (seed, epoch), so resuming at an epoch boundary replays them exactly.
+    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63)
+
+
+def _log(message: str) -> None:
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()  # epoch lines appear at once in logs, not at exit
+
+
+def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
+          init_from: str | Path | None = None, data: Data | None = None,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train per ``config`` into ``run_dir``; returns the final results dict.
+
+    ``data`` may be passed to reuse splits that are already loaded (notebooks, tests).
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        config = _resume_config(run_dir, config)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise VitMqaError(f"run directory {run_dir} already exists and is not empty; "
+                          "choose another --out or pass --resume")
+    data_cfg = DataConfig(**config["data"])
+    aug_cfg = AugmentConfig(**config["augment"])
+    train_cfg = TrainConfig(**config["train"])
+    aug_cfg.validate()
+    train_cfg.validate()
+    say = (lambda m: None) if quiet else _log
+
+    torch.manual_seed(train_cfg.seed)
+    data = data if data is not None else load_data(data_cfg)
+    pre = data.preprocess
+    model_fields = dict(config["model"], image_size=list(pre.image_size),
+                        in_channels=pre.in_channels, num_classes=len(data.classes))
+    model_cfg = ViTConfig.from_dict(model_fields)
+    config["model"] = model_cfg.to_dict()
+    device = _pick_device(train_cfg.device)
+    model = VisionTransformer(model_cfg).to(device)
+    if init_from is not None:
+        load_weights(model, Path(init_from) / WEIGHTS_NAME, device)
+    optimizer = make_optimizer(model, train_cfg, device)
+
+    steps_per_epoch = len(data.train) // train_cfg.batch_size
+    if steps_per_epoch < 1:
+        raise VitMqaError(f"batch_size {train_cfg.batch_size} exceeds the "
+                          f"{len(data.train)} training images")
+    total_steps = train_cfg.epochs * steps_per_epoch
+    warmup = min(int(train_cfg.warmup_epochs * steps_per_epoch), total_steps)
+    min_ratio = train_cfg.min_lr / train_cfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full_config = {**config, "preprocess": pre.to_dict(), "classes": data.classes,
+                   "vit_mqa_version": __version__}
+    start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, -1
+    if resume:
+        state = load_training_state(run_dir / STATE_NAME)
+        load_weights(model, run_dir / LAST_WEIGHTS_NAME, device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start_epoch, step = state["epoch"], state["step"]
+        best_acc, best_epoch = state["best_val_accuracy"], state["best_epoch"]
+        say(f"resuming {run_dir} at epoch {start_epoch + 1}")
+    write_json(run_dir / CONFIG_NAME, full_config)
+
+    say(f"data: {data_cfg.dataset} from {data.source} ({len(data.train)} train, "
+        f"{len(data.val)} val, {len(data.test)} test) | model: {count_parameters(model):,} "
+        f"params, {model_cfg.num_heads} heads / {model_cfg.num_kv_heads} kv heads, "
+        f"{model_cfg.num_patches} patches | device: {device}")
+
+    train_images = data.train.images.to(device)
+    train_labels = data.train.labels.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16)
+    data_gen = torch.Generator()
+    aug_gen = torch.Generator(device=device)
+    started = time.perf_counter()
+    stopped_early = False
+
+    for epoch in range(start_epoch, train_cfg.epochs):
+        model.train()
+        data_gen.manual_seed(_epoch_seed(train_cfg.seed, epoch, 0))
+        aug_gen.manual_seed(_epoch_seed(train_cfg.seed, epoch, 1))
+        order = torch.randperm(len(data.train), generator=data_gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        epoch_start = time.perf_counter()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
+                   disable=True if quiet else None, leave=False, file=sys.stderr,
+                   dynamic_ncols=True)
+        for i in bar:
+            idx = order[i * train_cfg.batch_size:(i + 1) * train_cfg.batch_size]
+            x = train_images[idx].float().div_(255.0)
+            x = pre.normalize(random_affine(x, aug_cfg, aug_gen))
+            y = train_labels[idx]
+            with autocast:
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=train_cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += y.shape[0]
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+            if i % 20 == 0 or i == steps_per_epoch - 1:
+                elapsed = time.perf_counter() - epoch_start
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                                acc=f"{correct.item() / seen:.4f}",
+                                img_s=f"{seen / elapsed:.0f}", refresh=False)
+            if train_cfg.max_steps and step >= train_cfg.max_steps:
+                stopped_early = True
+                break
+        bar.close()
+        train_time = time.perf_counter() - epoch_start
+        val = evaluate(model, data.val, pre, train_cfg.eval_batch_size, device, train_cfg.bf16)
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "train_accuracy": correct.item() / max(seen, 1),
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / train_time,
+            "epoch_time_s": time.perf_counter() - epoch_start,
+            "elapsed_s": time.perf_counter() - started,
+        }
+        save_weights(model, run_dir / LAST_WEIGHTS_NAME)
+        if val["accuracy"] > best_acc:
+            best_acc, best_epoch = val["accuracy"], epoch + 1
+            save_weights(model, run_dir / WEIGHTS_NAME)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch + 1,
+            "step": step,
+            "best_val_accuracy": best_acc,
+            "best_epoch": best_epoch,
+        }
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        save_training_state(run_dir / STATE_NAME, state)
+        append_jsonl(run_dir / METRICS_NAME, record)
+        say(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  loss {record['train_loss']:.4f}  "
+            f"train acc {record['train_accuracy']:.4f}  val loss {val['loss']:.4f}  "
+            f"val acc {val['accuracy']:.4f}  {record['images_per_s']:.0f} img/s  "
+            f"{record['elapsed_s']:.0f}s")
+        if stopped_early:
+            break
+
+    # Final evaluation: the best checkpoint by validation accuracy, on the test set.
+    load_weights(model, run_dir / WEIGHTS_NAME, device)
+    test = evaluate(model, data.test, pre, train_cfg.eval_batch_size, device, train_cfg.bf16)
+    report = classification_report(test["predictions"], data.test.labels, data.classes)
+    results = {
+        "test_accuracy": report["accuracy"],
+        "test_loss": test["loss"],
+        "best_epoch": best_epoch,
+        "best_val_accuracy": best_acc,
+        "train_time_s": time.perf_counter() - started,
+        "parameters": count_parameters(model),
+        "steps": step,
+        "per_class": report["per_class"],
+    }
+    write_json(run_dir / RESULTS_NAME, results)
+    say(f"test accuracy {100 * results['test_accuracy']:.2f}% (best epoch {best_epoch}, "
+        f"val {100 * best_acc:.2f}%) in {results['train_time_s']:.0f}s -> {run_dir}")
+    return results
+
+
+def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The run's own config; only settings that do not change the run may be overridden."""
+    saved = read_config(run_dir)
+    config = {k: copy.deepcopy(saved[k]) for k in (*SECTIONS, "preset") if k in saved}
+    for section, key in RESUME_OVERRIDABLE:
+        if key in overrides.get(section, {}):
+            config[section][key] = overrides[section][key]
+    return config
