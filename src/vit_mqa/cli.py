@@ -116,10 +116,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_model_dir
     from .data import DataConfig, Preprocess, load_data
+    from .distributed import pick_device
     from .evaluate import classification_report, evaluate
-    from .train import _pick_device
 
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     model, config = load_model_dir(args.run_dir, _weights_name(args.weights), device)
     if "data" not in config or "preprocess" not in config:
         raise VitMqaError(f"{args.run_dir} has no data settings: not a training run directory")

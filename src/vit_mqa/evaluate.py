@@ -47,7 +47,12 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor,
 
 def classification_report(predictions: torch.Tensor, labels: torch.Tensor,
                           classes: list[str]) -> dict[str, Any]:
-    matrix = confusion_matrix(predictions, labels, len(classes))
+    return report_from_confusion(confusion_matrix(predictions, labels, len(classes)), classes)
+
+
+def report_from_confusion(matrix: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and the matrix itself, as plain data."""
+    matrix = matrix.cpu()
     support = matrix.sum(dim=1)
     per_class = {
         name: {"accuracy": (matrix[i, i] / support[i]).item() if support[i] else None,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .augment import AugmentConfig, random_affine
 from .checkpoint import (
     CONFIG_NAME,
@@ -39,9 +39,10 @@ from .checkpoint import (
     save_weights,
     write_json,
 )
-from .data import Data, DataConfig, load_data
+from .data import Data, DataConfig, Preprocess, Split, load_data
+from .distributed import DistContext, all_reduce_sum
 from .errors import VitMqaError
-from .evaluate import classification_report, evaluate
+from .evaluate import confusion_matrix, predict_logits, report_from_confusion
 from .model import VisionTransformer, ViTConfig, count_parameters
 from .presets import DEFAULT_PRESET, PRESETS
 
@@ -147,22 +148,6 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
     return config
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise VitMqaError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VitMqaError(f"device {name!r} asked for, but CUDA is not available")
-    return device
-
-
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig,
                    device: torch.device) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms, position embeddings and the CLS token."""
@@ -201,12 +186,28 @@ def _log(message: str) -> None:
     sys.stdout.flush()  # epoch lines appear at once in logs, not at exit
 
 
+def _sharded_eval(model: torch.nn.Module, split: Split, pre: Preprocess, cfg: TrainConfig,
+                  device: torch.device, ctx: DistContext, num_classes: int) -> dict[str, Any]:
+    """Each rank scores every world_size-th image; losses and confusion matrices are summed."""
+    images, labels = split.images[ctx.rank::ctx.world_size], split.labels[ctx.rank::ctx.world_size]
+    logits = predict_logits(model, images, pre, cfg.eval_batch_size, device, cfg.bf16)
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum").reshape(1)
+    matrix = confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    loss_sum = all_reduce_sum(loss_sum.to(device), ctx)
+    matrix = all_reduce_sum(matrix.to(device), ctx).cpu()
+    total = int(matrix.sum())
+    return {"loss": loss_sum.item() / total, "accuracy": matrix.trace().item() / total,
+            "confusion": matrix}
+
+
 def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
           init_from: str | Path | None = None, data: Data | None = None,
           quiet: bool = False) -> dict[str, Any]:
     """Train per ``config`` into ``run_dir``; returns the final results dict.
 
-    ``data`` may be passed to reuse splits that are already loaded (notebooks, tests).
+    Under torchrun every process calls this; they train one DistributedDataParallel
+    model and only rank 0 prints and writes. ``data`` may be passed to reuse splits
+    that are already loaded (notebooks, tests).
     """
     run_dir = Path(run_dir)
     if resume:
@@ -219,20 +220,39 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     train_cfg = TrainConfig(**config["train"])
     aug_cfg.validate()
     train_cfg.validate()
-    say = (lambda m: None) if quiet else _log
+    ctx, device = distributed.init(train_cfg.device)
+    try:
+        return _train(config, run_dir, resume, init_from, data, quiet, data_cfg, aug_cfg,
+                      train_cfg, ctx, device)
+    finally:
+        distributed.shutdown(ctx)
 
-    torch.manual_seed(train_cfg.seed)
-    data = data if data is not None else load_data(data_cfg)
+
+def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str | Path | None,
+           data: Data | None, quiet: bool, data_cfg: DataConfig, aug_cfg: AugmentConfig,
+           train_cfg: TrainConfig, ctx: DistContext, device: torch.device) -> dict[str, Any]:
+    say = _log if ctx.is_main and not quiet else (lambda m: None)
+    if train_cfg.batch_size % ctx.world_size:
+        raise VitMqaError(f"batch_size {train_cfg.batch_size} is not divisible by the "
+                          f"{ctx.world_size} processes")
+    local_batch = train_cfg.batch_size // ctx.world_size
+    distributed.barrier(ctx)  # every rank has checked run_dir before rank 0 writes to it
+
+    if data is None:
+        if not ctx.is_main:
+            distributed.barrier(ctx)  # rank 0 downloads first, if it must
+        data = load_data(data_cfg)
+        if ctx.is_main:
+            distributed.barrier(ctx)
     pre = data.preprocess
     model_fields = dict(config["model"], image_size=list(pre.image_size),
                         in_channels=pre.in_channels, num_classes=len(data.classes))
     model_cfg = ViTConfig.from_dict(model_fields)
     config["model"] = model_cfg.to_dict()
-    device = _pick_device(train_cfg.device)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     model = VisionTransformer(model_cfg).to(device)
     if init_from is not None:
         load_weights(model, Path(init_from) / WEIGHTS_NAME, device)
-    optimizer = make_optimizer(model, train_cfg, device)
 
     steps_per_epoch = len(data.train) // train_cfg.batch_size
     if steps_per_epoch < 1:
@@ -241,10 +261,10 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     total_steps = train_cfg.epochs * steps_per_epoch
     warmup = min(int(train_cfg.warmup_epochs * steps_per_epoch), total_steps)
     min_ratio = train_cfg.min_lr / train_cfg.lr
+    optimizer = make_optimizer(model, train_cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     full_config = {**config, "preprocess": pre.to_dict(), "classes": data.classes,
                    "vit_mqa_version": __version__}
     start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, -1
@@ -253,18 +273,21 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
         load_weights(model, run_dir / LAST_WEIGHTS_NAME, device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch, step = state["epoch"], state["step"]
         best_acc, best_epoch = state["best_val_accuracy"], state["best_epoch"]
         say(f"resuming {run_dir} at epoch {start_epoch + 1}")
-    write_json(run_dir / CONFIG_NAME, full_config)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / CONFIG_NAME, full_config)
+    ddp = (torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+        if ctx.enabled else model)
 
     say(f"data: {data_cfg.dataset} from {data.source} ({len(data.train)} train, "
         f"{len(data.val)} val, {len(data.test)} test) | model: {count_parameters(model):,} "
         f"params, {model_cfg.num_heads} heads / {model_cfg.num_kv_heads} kv heads, "
-        f"{model_cfg.num_patches} patches | device: {device}")
+        f"{model_cfg.num_patches} patches | device: {device}"
+        + (f" x {ctx.world_size} processes" if ctx.enabled else ""))
 
     train_images = data.train.images.to(device)
     train_labels = data.train.labels.to(device)
@@ -275,27 +298,31 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     stopped_early = False
 
     for epoch in range(start_epoch, train_cfg.epochs):
-        model.train()
+        ddp.train()
+        # Data order is common to all ranks; augmentation and dropout differ per rank.
         data_gen.manual_seed(_epoch_seed(train_cfg.seed, epoch, 0))
-        aug_gen.manual_seed(_epoch_seed(train_cfg.seed, epoch, 1))
+        aug_gen.manual_seed(_epoch_seed(train_cfg.seed, epoch, 1 + 2 * ctx.rank))
+        torch.manual_seed(_epoch_seed(train_cfg.seed, epoch, 2 + 2 * ctx.rank))
         order = torch.randperm(len(data.train), generator=data_gen).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         epoch_start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
-                   disable=True if quiet else None, leave=False, file=sys.stderr,
-                   dynamic_ncols=True)
+                   disable=True if quiet or not ctx.is_main else None, leave=False,
+                   file=sys.stderr, dynamic_ncols=True)
         for i in bar:
-            idx = order[i * train_cfg.batch_size:(i + 1) * train_cfg.batch_size]
+            # This rank's disjoint slice of the i-th global batch.
+            start = i * train_cfg.batch_size + ctx.rank * local_batch
+            idx = order[start:start + local_batch]
             x = train_images[idx].float().div_(255.0)
             x = pre.normalize(random_affine(x, aug_cfg, aug_gen))
             y = train_labels[idx]
             with autocast:
-                logits = model(x)
+                logits = ddp(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=train_cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP averages gradients across ranks: the global-batch gradient
             if train_cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
@@ -304,46 +331,49 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
             seen += y.shape[0]
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(dim=1) == y).sum()
-            if i % 20 == 0 or i == steps_per_epoch - 1:
+            if ctx.is_main and (i % 20 == 0 or i == steps_per_epoch - 1):
                 elapsed = time.perf_counter() - epoch_start
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
                                 acc=f"{correct.item() / seen:.4f}",
-                                img_s=f"{seen / elapsed:.0f}", refresh=False)
+                                img_s=f"{ctx.world_size * seen / elapsed:.0f}", refresh=False)
             if train_cfg.max_steps and step >= train_cfg.max_steps:
                 stopped_early = True
                 break
         bar.close()
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                             torch.tensor(seen, device=device).double()]), ctx)
         train_time = time.perf_counter() - epoch_start
-        val = evaluate(model, data.val, pre, train_cfg.eval_batch_size, device, train_cfg.bf16)
+        val = _sharded_eval(model, data.val, pre, train_cfg, device, ctx, len(data.classes))
+        seen_all = max(totals[2].item(), 1)
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": loss_sum.item() / max(seen, 1),
-            "train_accuracy": correct.item() / max(seen, 1),
+            "train_loss": totals[0].item() / seen_all,
+            "train_accuracy": totals[1].item() / seen_all,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": seen / train_time,
+            "images_per_s": seen_all / train_time,
             "epoch_time_s": time.perf_counter() - epoch_start,
             "elapsed_s": time.perf_counter() - started,
+            "processes": ctx.world_size,
         }
-        save_weights(model, run_dir / LAST_WEIGHTS_NAME)
-        if val["accuracy"] > best_acc:
+        improved = val["accuracy"] > best_acc
+        if improved:
             best_acc, best_epoch = val["accuracy"], epoch + 1
-            save_weights(model, run_dir / WEIGHTS_NAME)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "epoch": epoch + 1,
-            "step": step,
-            "best_val_accuracy": best_acc,
-            "best_epoch": best_epoch,
-        }
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(device)
-        save_training_state(run_dir / STATE_NAME, state)
-        append_jsonl(run_dir / METRICS_NAME, record)
+        if ctx.is_main:
+            save_weights(model, run_dir / LAST_WEIGHTS_NAME)
+            if improved:
+                save_weights(model, run_dir / WEIGHTS_NAME)
+            save_training_state(run_dir / STATE_NAME, {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "best_val_accuracy": best_acc,
+                "best_epoch": best_epoch,
+            })
+            append_jsonl(run_dir / METRICS_NAME, record)
         say(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.4f}  val loss {val['loss']:.4f}  "
             f"val acc {val['accuracy']:.4f}  {record['images_per_s']:.0f} img/s  "
@@ -352,9 +382,10 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
             break
 
     # Final evaluation: the best checkpoint by validation accuracy, on the test set.
+    distributed.barrier(ctx)  # rank 0 has written the best weights
     load_weights(model, run_dir / WEIGHTS_NAME, device)
-    test = evaluate(model, data.test, pre, train_cfg.eval_batch_size, device, train_cfg.bf16)
-    report = classification_report(test["predictions"], data.test.labels, data.classes)
+    test = _sharded_eval(model, data.test, pre, train_cfg, device, ctx, len(data.classes))
+    report = report_from_confusion(test["confusion"], data.classes)
     results = {
         "test_accuracy": report["accuracy"],
         "test_loss": test["loss"],
@@ -363,9 +394,11 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
         "train_time_s": time.perf_counter() - started,
         "parameters": count_parameters(model),
         "steps": step,
+        "processes": ctx.world_size,
         "per_class": report["per_class"],
     }
-    write_json(run_dir / RESULTS_NAME, results)
+    if ctx.is_main:
+        write_json(run_dir / RESULTS_NAME, results)
     say(f"test accuracy {100 * results['test_accuracy']:.2f}% (best epoch {best_epoch}, "
         f"val {100 * best_acc:.2f}%) in {results['train_time_s']:.0f}s -> {run_dir}")
     return results
