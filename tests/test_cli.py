@@ -159,3 +159,44 @@ def test_train_on_image_folder_then_predict(tmp_path):
 def test_presets_listed():
     result = run_cli("presets")
     assert result.returncode == 0 and "mnist-fast (default)" in result.stdout
+
+
+def test_image_size_flag_resizes_folder_data(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=12, size=(20, 24))
+    out = tmp_path / "run"
+    result = run_cli("train", "--dataset", str(root), "--image-size", "12", "--val-size", "4",
+                     "--patch-size", "4", "--dim", "16", "--depth", "1", "--batch-size", "8",
+                     "--epochs", "1", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["preprocess"]["image_size"] == [12, 12]
+    assert config["model"]["image_size"] == [12, 12]
+
+
+def test_bad_config_files_and_resume_flags(tmp_path, trained_run):
+    (tmp_path / "c.json").write_text(json.dumps({"train": {"lr": "fast"}}))
+    _one_line_error(run_cli("train", "--config", str(tmp_path / "c.json")),
+                    "train.lr must be float, got 'fast'")
+    (tmp_path / "d.json").write_text("[1, 2]")
+    _one_line_error(run_cli("train", "--config", str(tmp_path / "d.json")),
+                    "must hold a JSON object")
+    _one_line_error(run_cli("train", "--config", str(tmp_path / "missing.json")),
+                    "cannot read config file")
+    _one_line_error(run_cli("train", "--resume", str(trained_run), "--lr", "0.1"),
+                    "--lr cannot change on --resume")
+    (tmp_path / "file").write_text("x")
+    _one_line_error(run_cli("train", "--out", str(tmp_path / "file")), "is a file")
+
+
+def test_resume_of_a_bare_model_directory_is_refused(tmp_path):
+    from vit_mqa import VisionTransformer, ViTConfig
+
+    VisionTransformer(ViTConfig(dim=16, depth=1)).save_pretrained(tmp_path / "m")
+    _one_line_error(run_cli("train", "--resume", str(tmp_path / "m")),
+                    "has no data, augment, train section")
+
+
+def test_bad_device_one_line(trained_run, tmp_path):
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "z.png")
+    _one_line_error(run_cli("predict", str(trained_run), str(tmp_path / "z.png"), "--device",
+                            "quantum"), "unknown device 'quantum'")

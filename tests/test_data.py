@@ -197,3 +197,11 @@ def test_read_image_any_mode_and_size(tmp_path):
     assert x[0, 0, 0] == 0 and x[0, 14, 14] == 255  # transparent -> black background
     Image.fromarray(rgba[..., :3]).save(tmp_path / "b.jpg")
     assert read_image(tmp_path / "b.jpg", (32, 32), 3).shape == (3, 32, 32)
+
+
+def test_lookup_passes_over_a_copy_of_another_dataset(data_root, monkeypatch):
+    """MNIST and Fashion-MNIST share file names: a folder of one is no copy of the other."""
+    monkeypatch.delenv("VIT_MQA_DATA", raising=False)
+    arrays, directory = load_idx_dataset(DATASETS["fashion-mnist"], str(data_root / "mnist"),
+                                         download=False)
+    assert directory == Path("/usr/share/datasets/fashion-mnist")

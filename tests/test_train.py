@@ -95,6 +95,27 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(small_mnist, tmp_path):
     assert [json.loads(x)["epoch"] for x in metrics] == [1, 2, 3]
 
 
+def test_resume_after_a_crash_between_epoch_writes(small_mnist, tmp_path):
+    """State is written last: resuming from an older state drops the later metric lines
+    and replays the lost epoch exactly."""
+    import shutil
+
+    overrides = {**TINY, "epochs": 2, "max_steps": 0, "dropout": 0.1}
+    first = build_config(overrides={**overrides, "max_steps": len(small_mnist.train) // 32})
+    train(first, tmp_path / "run", data=small_mnist, quiet=True)
+    shutil.copy(tmp_path / "run" / "training_state.pt", tmp_path / "state-epoch1.pt")
+    train({"train": {"max_steps": 0}}, tmp_path / "run", resume=True, data=small_mnist,
+          quiet=True)
+    done = _weights(tmp_path / "run")
+    # As if the process died after epoch 2's weights and metrics, before its state.
+    shutil.copy(tmp_path / "state-epoch1.pt", tmp_path / "run" / "training_state.pt")
+    train({}, tmp_path / "run", resume=True, data=small_mnist, quiet=True)
+    again = _weights(tmp_path / "run")
+    assert all(torch.equal(done[k], again[k]) for k in done)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in metrics] == [1, 2]
+
+
 def test_existing_run_directory_is_refused(small_mnist, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("keep me")
@@ -129,3 +150,21 @@ def test_image_folder_training_end_to_end(tmp_path):
         json.loads((tmp_path / "run" / "config.json").read_text())["model"]))
     load_weights(model, tmp_path / "run" / "model.safetensors")
     assert model.config.image_size == (16, 16) and model.config.num_classes == 2
+
+
+@pytest.mark.parametrize("name", ["mnist-fast", "mnist-accurate", "vit-ti", "vit-s", "vit-b"])
+def test_every_preset_builds_a_valid_model(name):
+    from vit_mqa.presets import PRESETS
+
+    config = build_config(name)
+    assert config["preset"] == name
+    model = ViTConfig.from_dict({**config["model"], "image_size": [28, 28]})
+    assert model.num_kv_heads == 1  # presets are multi-query; --num-kv-heads changes that
+    expected_dim = PRESETS[name]["model"]["dim"]
+    assert model.dim == expected_dim
+
+
+def test_shape_presets_match_the_published_shapes():
+    shapes = {n: build_config(n)["model"] for n in ("vit-ti", "vit-s", "vit-b")}
+    assert [(s["dim"], s["depth"], s["num_heads"]) for s in shapes.values()] == [
+        (192, 12, 3), (384, 12, 6), (768, 12, 12)]

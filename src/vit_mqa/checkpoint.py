@@ -136,7 +136,11 @@ def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
     from .model import VisionTransformer, ViTConfig
 
     config = read_config(directory)
-    model = VisionTransformer(ViTConfig.from_dict(config["model"]))
+    try:
+        model = VisionTransformer(ViTConfig.from_dict(config["model"]))
+    except TypeError as e:
+        path = Path(directory) / CONFIG_NAME
+        raise VitMqaError(f"{path}: malformed model config ({e})") from None
     load_weights(model, Path(directory) / weights, map_location)
     return model.to(map_location).eval(), config
 

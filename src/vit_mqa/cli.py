@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -92,6 +93,7 @@ def _weights_name(choice: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launched_by_torchrun
     from .train import SECTIONS, build_config, field_section, train
 
     own = {"command", "preset", "config", "out", "resume", "init_from", "quiet"}
@@ -106,7 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(sectioned, args.resume, resume=True, quiet=args.quiet)
         return 0
     config = build_config(args.preset, args.config, overrides)
-    out = args.out or f"runs/{config['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out
+    if out is None:
+        # Every torchrun process must pick the same folder: name it after the run id.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+        out = f"runs/{config['preset']}-{run_id or time.strftime('%Y%m%d-%H%M%S')}"
     if args.init_from and not Path(args.init_from).is_dir():
         raise VitMqaError(f"--init-from {args.init_from} is not a directory")
     train(config, out, init_from=args.init_from, quiet=args.quiet)
@@ -154,11 +160,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .distributed import pick_device
     from .predict import Predictor
 
     if args.top_k < 1:
         raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
-    predictor = Predictor(args.run_dir, device=args.device, weights=_weights_name(args.weights))
+    predictor = Predictor(args.run_dir, device=pick_device(args.device),
+                          weights=_weights_name(args.weights))
     results = predictor.predict(args.paths, top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -185,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except VitMqaError as e:
+        print(f"vit-mqa: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # unwritable run directory, full disk, ...: the OS says it best
         print(f"vit-mqa: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

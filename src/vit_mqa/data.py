@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import os
 import sys
 import tempfile
@@ -207,13 +208,21 @@ def data_roots(data_dir: str | None) -> list[Path]:
     return [Path(r).expanduser() for r in roots if r]
 
 
-def locate_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None) -> Path | None:
-    """First folder in the lookup order that holds all four files (as root/<name> or root)."""
+def candidate_dirs(spec: IdxDatasetSpec, data_dir: str | None) -> list[Path]:
+    """Folders in lookup order that hold all four files (as root/<name> or root itself)."""
+    found = []
     for root in data_roots(data_dir):
         for directory in (root / spec.directory, root):
-            if all(_find_file(directory, stem) for stem in spec.files.values()):
-                return directory
-    return None
+            if directory not in found and all(_find_file(directory, s)
+                                              for s in spec.files.values()):
+                found.append(directory)
+    return found
+
+
+def locate_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None) -> Path | None:
+    """First folder in the lookup order that holds all four files, verified or not."""
+    dirs = candidate_dirs(spec, data_dir)
+    return dirs[0] if dirs else None
 
 
 def _mirrors(spec: IdxDatasetSpec) -> list[str]:
@@ -235,7 +244,7 @@ def download_idx_dataset(spec: IdxDatasetSpec, mirrors: Sequence[str] | None = N
             try:
                 _download_verified(url, target / (stem + ".gz"), spec.sha256[split])
                 break
-            except (urllib.error.URLError, OSError, VitMqaError) as e:
+            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
                 errors.append(f"{url}: {getattr(e, 'reason', e)}")
         else:
             names = ", ".join(s + ".gz" for s in spec.files.values())
@@ -276,14 +285,29 @@ def _read_gz_file(path: Path) -> bytes:
 
 def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
                      download: bool = True) -> tuple[dict[str, np.ndarray], Path]:
-    """Find (or download), verify and parse the four files."""
-    directory = locate_idx_dataset(spec, data_dir)
-    if directory is None:
-        if not download:
-            places = ", ".join(str(r / spec.directory) for r in data_roots(data_dir))
-            raise VitMqaError(f"{spec.name} not found in {places}; pass --data-dir DIR "
-                              "or allow the download")
-        directory = download_idx_dataset(spec)
+    """Find (or download), verify and parse the four files.
+
+    A folder whose files fail verification (say, Fashion-MNIST where MNIST was looked
+    for: the file names are the same) is passed over for the next one in the lookup
+    order; if no folder verifies, the first failure is the error.
+    """
+    failures: list[VitMqaError] = []
+    for directory in candidate_dirs(spec, data_dir):
+        try:
+            return _read_verified(spec, directory), directory
+        except VitMqaError as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
+    if not download:
+        places = ", ".join(str(r / spec.directory) for r in data_roots(data_dir))
+        raise VitMqaError(f"{spec.name} not found in {places}; pass --data-dir DIR "
+                          "or allow the download")
+    directory = download_idx_dataset(spec)
+    return _read_verified(spec, directory), directory
+
+
+def _read_verified(spec: IdxDatasetSpec, directory: Path) -> dict[str, np.ndarray]:
     arrays = {}
     for split, stem in spec.files.items():
         path = _find_file(directory, stem)
@@ -292,9 +316,9 @@ def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
         digest = hashlib.sha256(raw).hexdigest()
         if digest != spec.sha256[split]:
             raise VitMqaError(f"checksum mismatch for {path}: sha256 of its content is {digest}, "
-                              f"expected {spec.sha256[split]}; replace the file")
+                              f"expected {spec.sha256[split]} ({spec.name}); replace the file")
         arrays[split] = parse_idx(raw, path)
-    return arrays, directory
+    return arrays
 
 
 # ---------------------------------------------------------------- image folders

@@ -276,8 +276,14 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer attention probabilities (B, heads, tokens, tokens) for images x."""
-        return self.forward_features(x, return_attention=True)[1]
+        """Per-layer attention probabilities (B, heads, tokens, tokens) for images x,
+        computed in eval mode (no dropout), whatever mode the model is in."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.forward_features(x, return_attention=True)[1]
+        finally:
+            self.train(was_training)
 
     # ----- Hugging Face-style directories: config.json + model.safetensors -----
 

@@ -27,7 +27,11 @@ class Predictor:
         self.model, config = load_model_dir(run_dir, weights, self.device)
         mc = self.model.config
         if "preprocess" in config:
-            self.preprocess = Preprocess.from_dict(config["preprocess"])
+            try:
+                self.preprocess = Preprocess.from_dict(config["preprocess"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise VitMqaError(f"{run_dir}: malformed \"preprocess\" in config.json "
+                                  f"({e!r})") from None
         else:  # a bare save_pretrained directory: plain [-1, 1] scaling
             self.preprocess = Preprocess(mc.image_size, mc.in_channels,
                                          (0.5,) * mc.in_channels, (0.5,) * mc.in_channels)

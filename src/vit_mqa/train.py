@@ -32,6 +32,7 @@ from .checkpoint import (
     STATE_NAME,
     WEIGHTS_NAME,
     append_jsonl,
+    atomic_write_text,
     load_training_state,
     load_weights,
     read_config,
@@ -39,7 +40,7 @@ from .checkpoint import (
     save_weights,
     write_json,
 )
-from .data import Data, DataConfig, Preprocess, Split, load_data
+from .data import DATASETS, Data, DataConfig, Preprocess, Split, load_data, locate_idx_dataset
 from .distributed import DistContext, all_reduce_sum
 from .errors import VitMqaError
 from .evaluate import confusion_matrix, predict_logits, report_from_confusion
@@ -107,7 +108,7 @@ def field_section(name: str) -> str:
     for section, cls in SECTIONS.items():
         if name in {f.name for f in dataclasses.fields(cls)}:
             if section == "model" and name in DERIVED_MODEL_FIELDS:
-                break
+                continue  # e.g. image_size: the data section's is the one to set
             return section
     raise VitMqaError(f"unknown setting {name!r}")
 
@@ -122,7 +123,21 @@ def _merge(config: dict[str, dict[str, Any]], layer: dict[str, Any], origin: str
         for key, value in values.items():
             if key not in config[section]:
                 raise VitMqaError(f"{origin}: unknown setting {section}.{key}")
-            config[section][key] = value
+            config[section][key] = _checked(section, key, value, origin)
+
+
+def _checked(section: str, key: str, value: Any, origin: str) -> Any:
+    """The value if its type fits the setting (ints are accepted for floats), else an error."""
+    ftype = str(next(f.type for f in dataclasses.fields(SECTIONS[section]) if f.name == key))
+    base = ftype.split("|")[0].strip()
+    if value is None and "None" in ftype:
+        return None
+    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+    if base not in kinds:  # image_size: int or [h, w]; checked by ViTConfig itself
+        return value
+    if isinstance(value, kinds[base]) and (base == "bool" or not isinstance(value, bool)):
+        return float(value) if base == "float" else value
+    raise VitMqaError(f"{origin}: {section}.{key} must be {ftype}, got {value!r}")
 
 
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
@@ -143,7 +158,8 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
             raise VitMqaError(f"config file {path} must hold a JSON object")
         _merge(config, layer, str(path))
     for name, value in (overrides or {}).items():
-        config[field_section(name)][name] = value
+        section = field_section(name)
+        config[section][name] = _checked(section, name, value, "override")
     config["preset"] = preset
     return config
 
@@ -190,9 +206,13 @@ def _sharded_eval(model: torch.nn.Module, split: Split, pre: Preprocess, cfg: Tr
                   device: torch.device, ctx: DistContext, num_classes: int) -> dict[str, Any]:
     """Each rank scores every world_size-th image; losses and confusion matrices are summed."""
     images, labels = split.images[ctx.rank::ctx.world_size], split.labels[ctx.rank::ctx.world_size]
-    logits = predict_logits(model, images, pre, cfg.eval_batch_size, device, cfg.bf16)
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum").reshape(1)
-    matrix = confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    if len(labels):
+        logits = predict_logits(model, images, pre, cfg.eval_batch_size, device, cfg.bf16)
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum").reshape(1)
+        matrix = confusion_matrix(logits.argmax(dim=1), labels, num_classes)
+    else:  # more processes than images
+        loss_sum = torch.zeros(1)
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum = all_reduce_sum(loss_sum.to(device), ctx)
     matrix = all_reduce_sum(matrix.to(device), ctx).cpu()
     total = int(matrix.sum())
@@ -210,6 +230,8 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     that are already loaded (notebooks, tests).
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VitMqaError(f"run directory {run_dir} is a file")
     if resume:
         config = _resume_config(run_dir, config)
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -221,11 +243,12 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     aug_cfg.validate()
     train_cfg.validate()
     ctx, device = distributed.init(train_cfg.device)
-    try:
-        return _train(config, run_dir, resume, init_from, data, quiet, data_cfg, aug_cfg,
-                      train_cfg, ctx, device)
-    finally:
-        distributed.shutdown(ctx)
+    # On an error this process exits without waiting for its peers (a barrier here could
+    # pair with a collective they are in); torchrun then stops the others.
+    results = _train(config, run_dir, resume, init_from, data, quiet, data_cfg, aug_cfg,
+                     train_cfg, ctx, device)
+    distributed.shutdown(ctx)
+    return results
 
 
 def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str | Path | None,
@@ -239,10 +262,12 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     distributed.barrier(ctx)  # every rank has checked run_dir before rank 0 writes to it
 
     if data is None:
-        if not ctx.is_main:
-            distributed.barrier(ctx)  # rank 0 downloads first, if it must
+        spec = DATASETS.get(data_cfg.dataset)
+        must_download = spec is not None and locate_idx_dataset(spec, data_cfg.data_dir) is None
+        if must_download and not ctx.is_main:
+            distributed.barrier(ctx)  # rank 0 downloads into the cache first
         data = load_data(data_cfg)
-        if ctx.is_main:
+        if must_download and ctx.is_main:
             distributed.barrier(ctx)
     pre = data.preprocess
     model_fields = dict(config["model"], image_size=list(pre.image_size),
@@ -268,14 +293,23 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     full_config = {**config, "preprocess": pre.to_dict(), "classes": data.classes,
                    "vit_mqa_version": __version__}
     start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, -1
-    if resume:
+    best_state: dict[str, torch.Tensor] | None = None  # kept in memory: no shared disk needed
+    if resume and (run_dir / STATE_NAME).exists():
         state = load_training_state(run_dir / STATE_NAME)
-        load_weights(model, run_dir / LAST_WEIGHTS_NAME, device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise VitMqaError(f"cannot resume: {run_dir / STATE_NAME} does not match the "
+                              f"run's config ({str(e).splitlines()[0]})") from None
         start_epoch, step = state["epoch"], state["step"]
         best_acc, best_epoch = state["best_val_accuracy"], state["best_epoch"]
         say(f"resuming {run_dir} at epoch {start_epoch + 1}")
+        if ctx.is_main:  # drop metric lines of an epoch whose state was never saved
+            _keep_metrics_up_to(run_dir / METRICS_NAME, start_epoch)
+    elif resume:
+        say(f"{run_dir} has no finished epoch; starting it over")
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_NAME, full_config)
@@ -298,6 +332,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     stopped_early = False
 
     for epoch in range(start_epoch, train_cfg.epochs):
+        if train_cfg.max_steps and step >= train_cfg.max_steps:
+            break
         ddp.train()
         # Data order is common to all ranks; augmentation and dropout differ per rank.
         data_gen.manual_seed(_epoch_seed(train_cfg.seed, epoch, 0))
@@ -358,14 +394,19 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             "elapsed_s": time.perf_counter() - started,
             "processes": ctx.world_size,
         }
-        improved = val["accuracy"] > best_acc
+        improved = val["accuracy"] > best_acc  # the same decision on every rank
         if improved:
             best_acc, best_epoch = val["accuracy"], epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if ctx.is_main:
             save_weights(model, run_dir / LAST_WEIGHTS_NAME)
             if improved:
                 save_weights(model, run_dir / WEIGHTS_NAME)
+            append_jsonl(run_dir / METRICS_NAME, record)
+            # Written last, and alone sufficient to resume: a crash before this line
+            # resumes from the previous epoch, whose metrics line is then dropped.
             save_training_state(run_dir / STATE_NAME, {
+                "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1,
@@ -373,7 +414,6 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
                 "best_val_accuracy": best_acc,
                 "best_epoch": best_epoch,
             })
-            append_jsonl(run_dir / METRICS_NAME, record)
         say(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.4f}  val loss {val['loss']:.4f}  "
             f"val acc {val['accuracy']:.4f}  {record['images_per_s']:.0f} img/s  "
@@ -382,8 +422,10 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             break
 
     # Final evaluation: the best checkpoint by validation accuracy, on the test set.
-    distributed.barrier(ctx)  # rank 0 has written the best weights
-    load_weights(model, run_dir / WEIGHTS_NAME, device)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:  # the best epoch was before a resume
+        load_weights(model, run_dir / WEIGHTS_NAME, device)
     test = _sharded_eval(model, data.test, pre, train_cfg, device, ctx, len(data.classes))
     report = report_from_confusion(test["confusion"], data.classes)
     results = {
@@ -404,11 +446,27 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     return results
 
 
+def _keep_metrics_up_to(path: Path, epoch: int) -> None:
+    if path.exists():
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        kept = [x for x in lines if json.loads(x).get("epoch", 0) <= epoch]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
 def _resume_config(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """The run's own config; only settings that do not change the run may be overridden."""
     saved = read_config(run_dir)
+    missing = [k for k in SECTIONS if not isinstance(saved.get(k), dict)]
+    if missing:
+        raise VitMqaError(f"cannot resume {run_dir}: its config.json has no "
+                          f"{', '.join(missing)} section (not a training run)")
     config = {k: copy.deepcopy(saved[k]) for k in (*SECTIONS, "preset") if k in saved}
-    for section, key in RESUME_OVERRIDABLE:
-        if key in overrides.get(section, {}):
-            config[section][key] = overrides[section][key]
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if (section, key) not in RESUME_OVERRIDABLE:
+                allowed = ", ".join("--" + k.replace("_", "-") for _, k in RESUME_OVERRIDABLE)
+                raise VitMqaError(f"--{key.replace('_', '-')} cannot change on --resume "
+                                  f"(the run keeps its settings; allowed: {allowed})")
+            config[section][key] = _checked(section, key, value, "resume")
     return config
