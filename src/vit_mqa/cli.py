@@ -82,8 +82,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
+    i = sub.add_parser("import", help="a Hugging Face ViT directory or a timm state dict "
+                       "-> a vit-mqa model directory (multi-head)")
+    i.add_argument("source", metavar="SRC", help="HF directory (config.json + weights) or a "
+                   "timm .safetensors/.pth file")
+    i.add_argument("dest", metavar="DST")
+    i.add_argument("--num-heads", type=int, help="timm only: heads (default dim // 64)")
+    i.add_argument("--image-size", type=int, nargs="+", metavar="N",
+                   help="target image size (H [W]); position embeddings are resampled")
+
+    c = sub.add_parser("convert", help="mean-pool K/V heads: multi-head -> grouped/multi-query")
+    c.add_argument("source", metavar="SRC", help="run or model directory")
+    c.add_argument("dest", metavar="DST")
+    c.add_argument("--kv-heads", type=int, required=True, help="K/V heads after conversion")
+
+    x = sub.add_parser("export", help="ONNX export with a dynamic batch, checked with "
+                       "onnxruntime")
+    x.add_argument("run_dir", metavar="RUN_DIR")
+    x.add_argument("output", metavar="OUT.onnx")
+    x.add_argument("--weights", choices=("best", "last"), default="best")
+    x.add_argument("--opset", type=int, default=18)
+
     sub.add_parser("presets", help="list the named presets")
     return parser
+
+
+def _fresh_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VitMqaError(f"{out} already exists; choose a new destination")
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .checkpoint import save_model_dir
+    from .data import Preprocess
+    from .interop import adapt_state_dict, load_external
+    from .model import VisionTransformer, ViTConfig
+
+    dest = _fresh_dir(args.dest)
+    model, extras = load_external(args.source, args.num_heads)
+    if args.image_size:
+        if len(args.image_size) > 2:
+            raise VitMqaError("--image-size takes H or H W")
+        size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
+        target = ViTConfig.from_dict({**model.config.to_dict(), "image_size": size})
+        resized = VisionTransformer(target)
+        resized.load_state_dict(adapt_state_dict(model.state_dict(), model.config, target))
+        model = resized
+    mc = model.config
+    # Both Hugging Face ViT and timm's original ViT weights scale pixels to [-1, 1].
+    pre = Preprocess(mc.image_size, mc.in_channels, (0.5,) * mc.in_channels,
+                     (0.5,) * mc.in_channels)
+    save_model_dir(model, dest, {"preprocess": pre.to_dict(), **extras,
+                                 "imported_from": str(args.source)})
+    print(f"imported {args.source} -> {dest} ({mc.depth} layers, dim {mc.dim}, "
+          f"{mc.num_heads} heads, {mc.image_size[0]}x{mc.image_size[1]})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model_dir, save_model_dir
+    from .interop import convert_kv_heads
+
+    dest = _fresh_dir(args.dest)
+    model, config = load_model_dir(args.source)
+    converted = convert_kv_heads(model, args.kv_heads)
+    # Keep data, preprocessing and class names, so eval, predict and --init-from work.
+    extra = {k: v for k, v in config.items() if k not in ("model", "vit_mqa_version")}
+    save_model_dir(converted, dest, {**extra, "converted_from": str(args.source),
+                                     "vit_mqa_version": __version__})
+    print(f"converted {args.source} ({model.config.num_kv_heads} K/V heads) -> {dest} "
+          f"({args.kv_heads} K/V heads)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .checkpoint import load_model_dir
+    from .interop import export_onnx
+
+    model, _ = load_model_dir(args.run_dir, _weights_name(args.weights))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise VitMqaError("ONNX export needs onnx, onnxscript and onnxruntime: "
+                          "pip install 'vit-mqa[onnx]'") from None
+    export_onnx(model, args.output, args.opset)
+    session = ort.InferenceSession(str(args.output), providers=["CPUExecutionProvider"])
+    c = model.config
+    worst = 0.0
+    for batch in (1, 3):
+        x = torch.randn(batch, c.in_channels, *c.image_size)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > 1e-4:
+        Path(args.output).unlink(missing_ok=True)
+        raise VitMqaError(f"ONNX output differs from PyTorch by {worst:.2e} (> 1e-4); "
+                          "not written")
+    print(f"exported {args.run_dir} -> {args.output} (dynamic batch; onnxruntime matches "
+          f"PyTorch within {worst:.1e})")
+    return 0
 
 
 def _weights_name(choice: str) -> str:
@@ -107,14 +210,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             sectioned[field_section(name)][name] = value
         train(sectioned, args.resume, resume=True, quiet=args.quiet)
         return 0
-    config = build_config(args.preset, args.config, overrides)
+    init_model = None
+    if args.init_from:
+        from .checkpoint import read_config
+
+        init_model = read_config(args.init_from)["model"]
+    config = build_config(args.preset, args.config, overrides, init_model)
     out = args.out
     if out is None:
         # Every torchrun process must pick the same folder: name it after the run id.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
         out = f"runs/{config['preset']}-{run_id or time.strftime('%Y%m%d-%H%M%S')}"
-    if args.init_from and not Path(args.init_from).is_dir():
-        raise VitMqaError(f"--init-from {args.init_from} is not a directory")
     train(config, out, init_from=args.init_from, quiet=args.quiet)
     return 0
 
@@ -189,6 +295,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+                "import": cmd_import, "convert": cmd_convert, "export": cmd_export,
                 "presets": cmd_presets}
     try:
         return commands[args.command](args)

@@ -49,6 +49,7 @@ class ViTConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     qk_norm: bool = False
+    norm_eps: float = 1e-6  # LayerNorm epsilon (timm 1e-6; Hugging Face ViT 1e-12)
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size)
@@ -182,11 +183,11 @@ class Block(nn.Module):
     def __init__(self, config: ViTConfig, drop_path: float) -> None:
         super().__init__()
         c = config
-        self.norm1 = nn.LayerNorm(c.dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.attn = GroupedQueryAttention(
             c.dim, c.num_heads, c.num_kv_heads, c.qkv_bias, c.qk_norm, c.attn_dropout, c.dropout
         )
-        self.norm2 = nn.LayerNorm(c.dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.mlp = MLP(c.dim, c.mlp_dim, c.dropout)
         self.drop_path = DropPath(drop_path)
 
@@ -216,7 +217,7 @@ class VisionTransformer(nn.Module):
         # Stochastic depth grows linearly with depth (DeiT).
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList([Block(c, r) for r in rates])
-        self.norm = nn.LayerNorm(c.dim, eps=1e-6)
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.dim, c.num_classes)
         self.reset_parameters()

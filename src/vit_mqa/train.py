@@ -141,13 +141,21 @@ def _checked(section: str, key: str, value: Any, origin: str) -> Any:
 
 
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """defaults < preset < JSON config file < overrides (flat names, e.g. {"lr": 1e-3})."""
+                 overrides: dict[str, Any] | None = None,
+                 init_model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """defaults < preset < init_model < JSON config file < overrides (flat names).
+
+    ``init_model`` is the "model" section of a run to start from (``--init-from``):
+    its architecture replaces the preset's.
+    """
     config: dict[str, Any] = default_config()
     preset = preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise VitMqaError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     _merge(config, PRESETS[preset], f"preset {preset}")
+    if init_model is not None:
+        shape = {k: v for k, v in init_model.items() if k not in DERIVED_MODEL_FIELDS}
+        _merge(config, {"model": shape}, "--init-from config.json")
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -277,7 +285,9 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     model = VisionTransformer(model_cfg).to(device)
     if init_from is not None:
-        load_weights(model, Path(init_from) / WEIGHTS_NAME, device)
+        from .interop import load_init_weights
+
+        load_init_weights(model, init_from, device)
 
     steps_per_epoch = len(data.train) // train_cfg.batch_size
     if steps_per_epoch < 1:

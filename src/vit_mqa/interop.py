@@ -1,0 +1,288 @@
+"""Weights in and out: multi-head ViTs from Hugging Face transformers and timm,
+conversion to grouped / multi-query attention, position-embedding resampling, ONNX.
+
+Imported models have ``num_kv_heads == num_heads``: the multi-head layer is our
+grouped-query layer with one query head per K/V head, so logits match the source.
+``convert_kv_heads`` then mean-pools each group's K and V projection heads
+(Ainslie et al. 2023) to get a GQA or MQA model to uptrain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import VitMqaError
+from .model import VisionTransformer, ViTConfig
+
+# ---------------------------------------------------------------- position embeddings
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
+                       new_grid: tuple[int, int], num_prefix_tokens: int) -> torch.Tensor:
+    """Bicubic resampling of a (1, prefix + H*W, D) grid of position embeddings (as timm)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], source: ViTConfig,
+                     target: ViTConfig) -> dict[str, torch.Tensor]:
+    """Resample learned position embeddings when the patch grid differs."""
+    if "pos_embed" in state and source.grid_size != target.grid_size:
+        state = dict(state)
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], source.grid_size,
+                                                target.grid_size, source.num_prefix_tokens)
+    return state
+
+
+def load_init_weights(model: VisionTransformer, directory: str | Path,
+                      device: torch.device | str = "cpu") -> None:
+    """Load a run's best weights into ``model`` to fine-tune or uptrain it; position
+    embeddings are resampled when the patch grid differs (another image size)."""
+    from .checkpoint import WEIGHTS_NAME, load_model_dir
+
+    source, _ = load_model_dir(directory, WEIGHTS_NAME, "cpu")
+    state = adapt_state_dict(source.state_dict(), source.config, model.config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise VitMqaError(f"--init-from {directory}: weights do not fit the model "
+                          f"({str(e).splitlines()[-1].strip()})") from None
+    model.to(device)
+
+
+# ---------------------------------------------------------------- Hugging Face transformers
+
+
+def _hf_mlp_ratio(hidden: int, intermediate: int) -> float:
+    ratio = intermediate / hidden
+    if int(hidden * ratio) != intermediate:
+        raise VitMqaError(f"intermediate_size {intermediate} is not expressible as a ratio "
+                          f"of hidden_size {hidden}")
+    return ratio
+
+
+def config_from_hf(hf: dict[str, Any]) -> ViTConfig:
+    """ViTConfig equivalent to a transformers ``ViTConfig`` (as a dict from config.json)."""
+    if hf.get("model_type", "vit") != "vit":
+        raise VitMqaError(f"model_type {hf.get('model_type')!r} is not a plain ViT")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise VitMqaError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
+    num_classes = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+    heads = int(hf.get("num_attention_heads", 12))
+    return ViTConfig(
+        image_size=int(hf.get("image_size", 224)), patch_size=int(hf.get("patch_size", 16)),
+        in_channels=int(hf.get("num_channels", 3)), num_classes=num_classes,
+        dim=int(hf.get("hidden_size", 768)), depth=int(hf.get("num_hidden_layers", 12)),
+        num_heads=heads, num_kv_heads=heads,
+        mlp_ratio=_hf_mlp_ratio(int(hf.get("hidden_size", 768)),
+                                int(hf.get("intermediate_size", 3072))),
+        qkv_bias=bool(hf.get("qkv_bias", True)), pooling="cls", pos_embed="learned",
+        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+    )
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor],
+                       config: ViTConfig) -> dict[str, torch.Tensor]:
+    """Map a ``ViTForImageClassification`` state dict onto vit-mqa's names."""
+    s = {k.removeprefix("vit."): v for k, v in hf_state.items()}
+    out = {
+        "cls_token": s["embeddings.cls_token"],
+        "pos_embed": s["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": s["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": s["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": s["layernorm.weight"],
+        "norm.bias": s["layernorm.bias"],
+        "head.weight": s["classifier.weight"],
+        "head.bias": s["classifier.bias"],
+    }
+    for i in range(config.depth):
+        p = f"encoder.layer.{i}."
+        a = p + "attention.attention."
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [s[a + "query.weight"], s[a + "key.weight"], s[a + "value.weight"]])
+        if config.qkv_bias:
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+                [s[a + "query.bias"], s[a + "key.bias"], s[a + "value.bias"]])
+        pairs = {"attn.proj": "attention.output.dense", "norm1": "layernorm_before",
+                 "norm2": "layernorm_after", "mlp.fc1": "intermediate.dense",
+                 "mlp.fc2": "output.dense"}
+        for ours, theirs in pairs.items():
+            out[f"blocks.{i}.{ours}.weight"] = s[p + theirs + ".weight"]
+            out[f"blocks.{i}.{ours}.bias"] = s[p + theirs + ".bias"]
+    return out
+
+
+# ---------------------------------------------------------------- timm
+
+
+TIMM_UNSUPPORTED = ("reg_token", "fc_norm.weight", "blocks.0.ls1.gamma", "attn_pool.latent",
+                    "blocks.0.attn.norm.weight")
+
+
+def config_from_timm(state: dict[str, torch.Tensor], num_heads: int | None = None,
+                     num_classes: int | None = None) -> ViTConfig:
+    """Infer a ViTConfig from a timm ``VisionTransformer`` state dict.
+
+    Head count is not in the weights' shapes; by default it is dim // 64, as in every
+    standard ViT (Ti/3, S/6, B/12, L/16).
+    """
+    bad = [k for k in TIMM_UNSUPPORTED if k in state]
+    if bad:
+        raise VitMqaError(f"timm checkpoint uses features vit-mqa does not have: {bad}")
+    if "blocks.0.attn.qkv.weight" not in state:
+        raise VitMqaError("not a timm VisionTransformer state dict (no blocks.0.attn.qkv.weight)")
+    dim = state["patch_embed.proj.weight"].shape[0]
+    in_channels, patch = state["patch_embed.proj.weight"].shape[1:3]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    has_cls = "cls_token" in state
+    tokens = state["pos_embed"].shape[1] - (1 if has_cls else 0)
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise VitMqaError(f"pos_embed holds {tokens} patch positions: not a square grid")
+    heads = num_heads or max(dim // 64, 1)
+    mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
+    return ViTConfig(
+        image_size=side * patch, patch_size=patch, in_channels=in_channels,
+        num_classes=num_classes or state["head.weight"].shape[0], dim=dim, depth=depth,
+        num_heads=heads, num_kv_heads=heads, mlp_ratio=mlp / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state, pooling="cls" if has_cls else "mean",
+        pos_embed="learned", qk_norm="blocks.0.attn.q_norm.weight" in state, norm_eps=1e-6,
+    )
+
+
+def state_dict_from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's names are vit-mqa's names (fused [q; k; v] qkv, blocks.N.*, norm, head)."""
+    return {k: v for k, v in state.items() if not k.startswith("head_drop")}
+
+
+# ---------------------------------------------------------------- loading sources
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # several unrelated types for a bad file
+        raise VitMqaError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise VitMqaError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_external(source: str | Path, num_heads: int | None = None
+                  ) -> tuple[VisionTransformer, dict[str, Any]]:
+    """A Hugging Face ViT directory or a timm state-dict file -> (vit-mqa model, extras).
+
+    extras holds "classes" when the source names them.
+    """
+    source = Path(source)
+    extras: dict[str, Any] = {}
+    if source.is_dir():
+        cfg_path = source / "config.json"
+        if not cfg_path.is_file():
+            raise VitMqaError(f"{source} has no config.json: not a Hugging Face model directory")
+        try:
+            hf = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise VitMqaError(f"cannot parse {cfg_path}: {e}") from None
+        if "model" in hf and "vit_mqa_version" in hf:
+            raise VitMqaError(f"{source} is already a vit-mqa directory")
+        weights = next((source / n for n in ("model.safetensors", "pytorch_model.bin")
+                        if (source / n).is_file()), None)
+        if weights is None:
+            raise VitMqaError(f"{source} has neither model.safetensors nor pytorch_model.bin")
+        config = config_from_hf(hf)
+        state = state_dict_from_hf(_read_state_file(weights), config)
+        id2label = hf.get("id2label") or {}
+        if id2label:
+            extras["classes"] = [id2label[k] for k in sorted(id2label, key=int)]
+    elif source.is_file():
+        raw = _read_state_file(source)
+        if any(k.startswith(("vit.", "embeddings.")) for k in raw):
+            raise VitMqaError(f"{source} looks like a Hugging Face state dict: pass its "
+                              "directory (with config.json) instead")
+        config = config_from_timm(raw, num_heads)
+        state = state_dict_from_timm(raw)
+    else:
+        raise VitMqaError(f"no such file or directory: {source}")
+    model = VisionTransformer(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VitMqaError(f"{source}: weights do not map onto a vit-mqa model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), extras
+
+
+# ---------------------------------------------------------------- GQA / MQA conversion
+
+
+@torch.no_grad()
+def convert_kv_heads(model: VisionTransformer, num_kv_heads: int) -> VisionTransformer:
+    """A copy of ``model`` with ``num_kv_heads`` K/V heads, each the mean of its group's
+    heads (Ainslie et al. 2023). Query, output and MLP weights are kept as they are."""
+    c = model.config
+    if num_kv_heads < 1 or c.num_kv_heads % num_kv_heads:
+        raise VitMqaError(f"--kv-heads {num_kv_heads} must divide the model's "
+                          f"{c.num_kv_heads} K/V heads")
+    target = ViTConfig.from_dict({**c.to_dict(), "num_kv_heads": num_kv_heads})
+    converted = VisionTransformer(target)
+    state = model.state_dict()
+    hd, H, old = c.dim // c.num_heads, c.num_heads, c.num_kv_heads
+    for i in range(c.depth):
+        for kind in ("weight", "bias"):
+            key = f"blocks.{i}.attn.qkv.{kind}"
+            if key not in state:
+                continue
+            q, k, v = state[key].split([H * hd, old * hd, old * hd])
+            state[key] = torch.cat([q, _pool_heads(k, num_kv_heads, hd),
+                                    _pool_heads(v, num_kv_heads, hd)])
+    converted.load_state_dict(state)
+    return converted.eval()
+
+
+def _pool_heads(rows: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
+    """(heads * hd, ...) projection rows -> (groups * hd, ...): mean of consecutive heads.
+    Query head h reads K/V head h // (H / KV), so consecutive K/V heads form a group."""
+    per_group = rows.shape[0] // (groups * head_dim)
+    pooled = rows.reshape(groups, per_group, head_dim, *rows.shape[1:]).mean(dim=1)
+    return pooled.reshape(groups * head_dim, *rows.shape[1:])
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18) -> None:
+    """Export with a dynamic batch dimension (input "images", output "logits")."""
+    from .checkpoint import atomic_write
+
+    c = model.config
+    example = torch.randn(2, c.in_channels, *c.image_size)
+    model = model.eval()
+
+    def write(tmp: Path) -> None:
+        program = torch.onnx.export(
+            model, (example,), None, input_names=["images"], output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+            opset_version=opset, verbose=False)
+        program.save(str(tmp))
+
+    atomic_write(path, write)
+
