@@ -9,8 +9,12 @@ grouped-query layer with one query head per K/V head, so logits match the source
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -278,10 +282,14 @@ def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18) -> 
     model = model.eval()
 
     def write(tmp: Path) -> None:
-        program = torch.onnx.export(
-            model, (example,), None, input_names=["images"], output_names=["logits"],
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
-            opset_version=opset, verbose=False)
+        # The exporter narrates its passes on stdout and warns about its own internals.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                model, (example,), None, input_names=["images"], output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                opset_version=opset, verbose=False)
         program.save(str(tmp))
 
     atomic_write(path, write)
