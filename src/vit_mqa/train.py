@@ -320,6 +320,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             _keep_metrics_up_to(run_dir / METRICS_NAME, start_epoch)
     elif resume:
         say(f"{run_dir} has no finished epoch; starting it over")
+        if ctx.is_main:
+            _keep_metrics_up_to(run_dir / METRICS_NAME, 0)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_NAME, full_config)
