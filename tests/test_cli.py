@@ -108,7 +108,9 @@ def test_corrupt_data_one_line(tmp_path, data_root):
     blob = (d / "train-labels-idx1-ubyte.gz").read_bytes()
     (d / "train-labels-idx1-ubyte.gz").chmod(0o644)
     (d / "train-labels-idx1-ubyte.gz").write_bytes(blob[:-50])
-    result = run_cli("train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r"))
+    # A valid copy later in the lookup order ($VIT_MQA_DATA) must not hide the corrupt one.
+    result = run_cli("train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
+                     "--max-steps", "1")
     _one_line_error(result, "train-labels-idx1-ubyte.gz", "corrupt or truncated")
 
 

@@ -208,21 +208,22 @@ def data_roots(data_dir: str | None) -> list[Path]:
     return [Path(r).expanduser() for r in roots if r]
 
 
-def candidate_dirs(spec: IdxDatasetSpec, data_dir: str | None) -> list[Path]:
-    """Folders in lookup order that hold all four files (as root/<name> or root itself)."""
-    found = []
+def candidate_dirs(spec: IdxDatasetSpec, data_dir: str | None) -> list[tuple[Path, bool]]:
+    """Folders in lookup order that hold all four files, as root/<name> (named: True)
+    or as the root itself (named: False)."""
+    found: list[tuple[Path, bool]] = []
     for root in data_roots(data_dir):
-        for directory in (root / spec.directory, root):
-            if directory not in found and all(_find_file(directory, s)
-                                              for s in spec.files.values()):
-                found.append(directory)
+        for directory, named in ((root / spec.directory, True), (root, False)):
+            if (all(d != directory for d, _ in found)
+                    and all(_find_file(directory, s) for s in spec.files.values())):
+                found.append((directory, named))
     return found
 
 
 def locate_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None) -> Path | None:
     """First folder in the lookup order that holds all four files, verified or not."""
     dirs = candidate_dirs(spec, data_dir)
-    return dirs[0] if dirs else None
+    return dirs[0][0] if dirs else None
 
 
 def _mirrors(spec: IdxDatasetSpec) -> list[str]:
@@ -287,15 +288,18 @@ def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
                      download: bool = True) -> tuple[dict[str, np.ndarray], Path]:
     """Find (or download), verify and parse the four files.
 
-    A folder whose files fail verification (say, Fashion-MNIST where MNIST was looked
-    for: the file names are the same) is passed over for the next one in the lookup
-    order; if no folder verifies, the first failure is the error.
+    A folder named for the dataset (root/mnist) whose files fail verification is an
+    error: it is a corrupt copy. A bare root that fails (say, it holds Fashion-MNIST,
+    whose file names are MNIST's) is passed over for the next folder in the lookup
+    order; if none verifies, the first failure is the error.
     """
     failures: list[VitMqaError] = []
-    for directory in candidate_dirs(spec, data_dir):
+    for directory, named in candidate_dirs(spec, data_dir):
         try:
             return _read_verified(spec, directory), directory
         except VitMqaError as e:
+            if named:
+                raise
             failures.append(e)
     if failures:
         raise failures[0]
