@@ -232,3 +232,11 @@ def test_onnx_export_matches_on_the_whole_mnist_test_set(trained_run, tmp_path,
         worst = max(worst, float(np.abs(got - ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
     assert agree == 10000 and worst < 1e-4
+
+
+def test_import_of_a_file_that_is_no_state_dict_is_one_line(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
+    result = run_cli("import", str(tmp_path / "junk.pth"), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot read weights" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,11 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # several unrelated types for a bad file
-        raise VitMqaError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+        if isinstance(e, pickle.UnpicklingError):
+            why = "not a tensor checkpoint (torch.save of a state dict, or safetensors)"
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        raise VitMqaError(f"cannot read weights {path}: {why}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
