@@ -57,6 +57,8 @@ def test_kv_projection_is_shared_not_copied():
 
 
 def test_uses_sdpa_on_the_ordinary_path(monkeypatch):
+    from vit_mqa import attention
+
     calls = []
     real = F.scaled_dot_product_attention
 
@@ -66,11 +68,30 @@ def test_uses_sdpa_on_the_ordinary_path(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     attn = GroupedQueryAttention(48, 6, 2)
-    attn(torch.randn(2, 5, 48))
+    n = attention.EXPLICIT_MAX_TOKENS + 1
+    attn(torch.randn(2, n, 48))
     # Queries of each group are folded into the sequence: (B, KV, G*N, hd) vs (B, KV, N, hd).
-    assert calls == [(torch.Size([2, 2, 15, 8]), torch.Size([2, 2, 5, 8]))]
-    attn(torch.randn(2, 5, 48), return_attention=True)
+    assert calls == [(torch.Size([2, 2, 3 * n, 8]), torch.Size([2, 2, n, 8]))]
+    attn(torch.randn(2, n, 48), return_attention=True)
     assert len(calls) == 1  # the weights path computes them explicitly instead
+    attn(torch.randn(2, attention.EXPLICIT_MAX_TOKENS, 48))
+    assert len(calls) == 1  # few tokens on a CPU: the explicit products are faster
+
+
+@pytest.mark.parametrize("kv", [1, 3, 6])
+def test_explicit_and_fused_paths_agree_in_value_and_gradient(monkeypatch, kv):
+    from vit_mqa import attention
+
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(48, 6, kv)
+    x = torch.randn(3, 17, 48, requires_grad=True)
+    explicit, _ = attn(x)
+    (g_explicit,) = torch.autograd.grad(explicit.square().sum(), x)
+    monkeypatch.setattr(attention, "EXPLICIT_MAX_TOKENS", 0)
+    fused, _ = attn(x)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), x)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_explicit, g_fused, atol=1e-4, rtol=1e-4)
 
 
 def test_qk_norm_normalises_queries_and_keys():

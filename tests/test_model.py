@@ -118,3 +118,12 @@ def test_loading_mismatched_weights_names_the_problem(tmp_path):
     with pytest.raises(VitMqaError, match=r"blocks.0.attn.qkv.weight has shape \(48, 32\), "
                                           r"model wants \(64, 32\)"):
         VisionTransformer.from_pretrained(tmp_path)
+
+
+def test_patch_embedding_matches_the_strided_convolution():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(image_size=(12, 16), patch_size=4, in_channels=3))
+    x = torch.randn(2, 3, 12, 16)
+    conv = model.patch_embed.proj
+    expected = conv(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.patch_embed(x), expected, atol=1e-5, rtol=1e-5)

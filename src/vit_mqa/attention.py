@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Token counts up to which attention off CUDA runs as explicit matmul-softmax-matmul.
+EXPLICIT_MAX_TOKENS = 32
+
 
 class GroupedQueryAttention(nn.Module):
     def __init__(
@@ -76,12 +79,19 @@ class GroupedQueryAttention(nn.Module):
         """
         B, N, _ = x.shape
         q, k, v = self._grouped_qkv(x)
-        drop = self.attn_drop if self.training else 0.0
-        if not return_attention:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-            return self.proj_drop(self.proj(self._merge_heads(out, B, N))), None
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, KV, G*N, N)
-        attn = attn.softmax(dim=-1)
-        weights = attn.reshape(B, self.num_heads, N, N)
-        out = F.dropout(attn, drop) @ v
+        out, attn = self.attend(q, k, v, need_weights=return_attention)
+        weights = attn.reshape(B, self.num_heads, N, N) if attn is not None else None
         return self.proj_drop(self.proj(self._merge_heads(out, B, N))), weights
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T / sqrt(hd)) v over (..., L, hd) x (..., S, hd); the probabilities
+        too when ``need_weights`` is set (else None)."""
+        drop = self.attn_drop if self.training else 0.0
+        # Off CUDA, with few keys, three plain products beat the fused kernel, whose tiling
+        # is built for long sequences (`vit-mqa bench --levers`, README).
+        few_keys = q.device.type != "cuda" and k.shape[-2] <= EXPLICIT_MAX_TOKENS
+        if not (need_weights or few_keys):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop), None
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return F.dropout(attn, drop) @ v, (attn if need_weights else None)

@@ -103,6 +103,30 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", choices=("best", "last"), default="best")
     x.add_argument("--opset", type=int, default=18)
 
+    b = sub.add_parser("bench", help="training and inference throughput beside vit-pytorch "
+                       "and Hugging Face ViT, at equal shapes; markdown and JSON")
+    b.add_argument("--shapes", default="mnist-fast,vit-ti-32,vit-s-224",
+                   help="comma-separated: mnist-fast, vit-ti-32, vit-s-224")
+    b.add_argument("--impls", default="vit-mqa-mqa,vit-mqa-gqa,vit-mqa-mha,vit-mqa-mqa+compile,"
+                   "vit-pytorch,hf-vit", help="comma-separated implementations")
+    b.add_argument("--modes", default="train,infer", help="train, infer or both")
+    b.add_argument("--batch-size", type=int, help="training batch (default per shape/device)")
+    b.add_argument("--infer-batch-size", type=int, help="inference batch (default per shape)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    b.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32 or bf16 autocast "
+                   "(default bf16 on CUDA, fp32 on CPU)")
+    b.add_argument("--compile", action="store_true", help="torch.compile every model (peers "
+                   "too); vit-mqa-mqa+compile compiles only that one")
+    b.add_argument("--repeats", type=int, default=5, help="timed windows per entry (median)")
+    b.add_argument("--min-time", type=float, default=0.5, help="seconds per timed window")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    b.add_argument("--scaling", action="store_true",
+                   help="also images/s against batch size and token count")
+    b.add_argument("--levers", action="store_true",
+                   help="also each speed lever, measured against the default path")
+    b.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    b.add_argument("--markdown", metavar="FILE", help="write the tables to a file too")
+
     sub.add_parser("presets", help="list the named presets")
     return parser
 
@@ -283,6 +307,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .distributed import pick_device
+
+    for name in ("repeats", "threads", "batch_size", "infer_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise VitMqaError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.min_time <= 0:
+        raise VitMqaError(f"--min-time must be > 0, got {args.min_time}")
+    device = pick_device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    opts = bench.BenchOptions(device, dtype, args.compile, args.repeats, args.min_time,
+                              threads=args.threads)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    report = bench.run_benchmark(
+        split(args.shapes), split(args.impls), split(args.modes), opts,
+        train_batch=args.batch_size, infer_batch=args.infer_batch_size,
+        with_scaling=args.scaling, with_levers=args.levers,
+        say=bench.log if sys.stderr.isatty() or os.environ.get("VIT_MQA_VERBOSE") else
+        (lambda m: None))
+    bench.write_report(report, args.json, args.markdown)
+    print(bench.markdown(report), end="")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import DEFAULT_PRESET, PRESETS
 
@@ -296,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "import": cmd_import, "convert": cmd_convert, "export": cmd_export,
-                "presets": cmd_presets}
+                "bench": cmd_bench, "presets": cmd_presets}
     try:
         return commands[args.command](args)
     except VitMqaError as e:

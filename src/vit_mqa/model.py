@@ -142,14 +142,25 @@ def sincos_2d_position_embedding(grid: tuple[int, int], dim: int) -> torch.Tenso
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping P x P patches, linearly projected: a strided convolution."""
+    """Non-overlapping P x P patches, linearly projected.
+
+    The weight is a strided convolution's (dim, C, P, P), as in timm and Hugging Face,
+    but the projection runs as one matrix product over the cut-out patches: the same
+    result, and on CPUs a several times cheaper backward pass than the convolution's.
+    """
 
     def __init__(self, in_channels: int, patch_size: int, dim: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, num_patches, dim)
+        B, C, H, W = x.shape
+        P = self.patch_size
+        # (B, C, H/P, P, W/P, P) -> (B, H/P, W/P, C, P, P): each patch in the weight's order.
+        patches = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(B, (H // P) * (W // P), C * P * P)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, patches, dim)
 
 
 class DropPath(nn.Module):

@@ -62,6 +62,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm; 0 switches clipping off
     bf16: bool = False  # bf16 autocast (fast on GPUs and CPUs with native bf16 matmul)
+    compile: bool = False  # torch.compile the training step's model (falls back to eager)
     seed: int = 0  # fixes initialisation, data order, augmentation and dropout
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     eval_batch_size: int = 1000
@@ -88,9 +89,10 @@ SECTIONS: dict[str, type] = {
     "augment": AugmentConfig,
     "train": TrainConfig,
 }
-# Settings a resumed run may change: where data lives, where it runs, how long.
+# Settings a resumed run may change: where data lives, where and how fast it runs,
+# how long.
 RESUME_OVERRIDABLE = (("train", "epochs"), ("train", "max_steps"), ("train", "device"),
-                      ("train", "eval_batch_size"), ("data", "data_dir"))
+                      ("train", "eval_batch_size"), ("train", "compile"), ("data", "data_dir"))
 # Taken from the data, never from a flag.
 DERIVED_MODEL_FIELDS = ("image_size", "in_channels", "num_classes")
 
@@ -208,6 +210,47 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def _log(message: str) -> None:
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()  # epoch lines appear at once in logs, not at exit
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile, or the model itself where compiling is not supported.
+
+    Dynamo's ``suppress_errors`` makes a graph that fails to compile (no C++ compiler, an
+    unsupported platform) run eagerly instead of failing the run.
+    """
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model)
+    except (RuntimeError, ImportError) as e:  # e.g. a Python that this torch cannot compile on
+        _log(f"torch.compile unavailable ({str(e).splitlines()[0]}); training eagerly")
+        return model
+
+
+def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, pre: Preprocess,
+               aug_cfg: AugmentConfig, aug_gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels already on the device, batch indices -> augmented, normalised
+    model input and labels. Everything stays on the device: no loader processes, no copies."""
+    x = images[idx].float().div_(255.0)
+    return pre.normalize(random_affine(x, aug_cfg, aug_gen)), labels[idx]
+
+
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                  y: torch.Tensor, cfg: TrainConfig, autocast: torch.autocast
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch: forward, loss, backward, clipping, update.
+    Returns the loss and the logits, both still on the device (no synchronisation)."""
+    with autocast:
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss, logits
 
 
 def _sharded_eval(model: torch.nn.Module, split: Split, pre: Preprocess, cfg: TrainConfig,
@@ -328,6 +371,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     ddp = (torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
         if ctx.enabled else model)
+    step_model = compile_model(ddp) if train_cfg.compile else ddp
 
     say(f"data: {data_cfg.dataset} from {data.source} ({len(data.train)} train, "
         f"{len(data.val)} val, {len(data.test)} test) | model: {count_parameters(model):,} "
@@ -363,17 +407,9 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             # This rank's disjoint slice of the i-th global batch.
             start = i * train_cfg.batch_size + ctx.rank * local_batch
             idx = order[start:start + local_batch]
-            x = train_images[idx].float().div_(255.0)
-            x = pre.normalize(random_affine(x, aug_cfg, aug_gen))
-            y = train_labels[idx]
-            with autocast:
-                logits = ddp(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=train_cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages gradients across ranks: the global-batch gradient
-            if train_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
+            x, y = make_batch(train_images, train_labels, idx, pre, aug_cfg, aug_gen)
+            # DDP averages gradients across ranks: the global-batch gradient.
+            loss, logits = training_step(step_model, optimizer, x, y, train_cfg, autocast)
             scheduler.step()
             step += 1
             seen += y.shape[0]
