@@ -10,6 +10,10 @@ tokens become one "head" of ``G * N`` queries that attends over the group's ``N`
 keys. Without a mask this is exactly grouped-query attention, runs through
 ``scaled_dot_product_attention`` on every torch >= 2.4, and makes the score
 matrix product one large GEMM per K/V head instead of ``G`` small ones.
+
+Off CUDA, sequences of at most ``EXPLICIT_MAX_TOKENS`` keys take three plain
+products instead of the fused kernel (faster there; measured by ``vit-mqa bench
+--levers``); both paths are tested to agree.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,14 +272,20 @@ def _sharded_eval(model: torch.nn.Module, split: Split, pre: Preprocess, cfg: Tr
             "confusion": matrix}
 
 
+EpochHook = Callable[[dict[str, Any], VisionTransformer], "dict[str, Any] | None"]
+
+
 def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
           init_from: str | Path | None = None, data: Data | None = None,
-          quiet: bool = False) -> dict[str, Any]:
+          quiet: bool = False, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     """Train per ``config`` into ``run_dir``; returns the final results dict.
 
     Under torchrun every process calls this; they train one DistributedDataParallel
     model and only rank 0 prints and writes. ``data`` may be passed to reuse splits
-    that are already loaded (notebooks, tests).
+    that are already loaded (notebooks, tests). ``on_epoch_end(record, model)``, called
+    on every rank after each epoch's validation, may return fields to add to the
+    epoch's metrics line (a benchmark's test accuracy, say); its time is not counted in
+    the run's elapsed time.
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -297,14 +304,15 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     # On an error this process exits without waiting for its peers (a barrier here could
     # pair with a collective they are in); torchrun then stops the others.
     results = _train(config, run_dir, resume, init_from, data, quiet, data_cfg, aug_cfg,
-                     train_cfg, ctx, device)
+                     train_cfg, ctx, device, on_epoch_end)
     distributed.shutdown(ctx)
     return results
 
 
 def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str | Path | None,
            data: Data | None, quiet: bool, data_cfg: DataConfig, aug_cfg: AugmentConfig,
-           train_cfg: TrainConfig, ctx: DistContext, device: torch.device) -> dict[str, Any]:
+           train_cfg: TrainConfig, ctx: DistContext, device: torch.device,
+           on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     say = _log if ctx.is_main and not quiet else (lambda m: None)
     if train_cfg.batch_size % ctx.world_size:
         raise VitMqaError(f"batch_size {train_cfg.batch_size} is not divisible by the "
@@ -442,6 +450,10 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             "elapsed_s": time.perf_counter() - started,
             "processes": ctx.world_size,
         }
+        if on_epoch_end is not None:
+            hook_start = time.perf_counter()
+            record.update(on_epoch_end(dict(record), model) or {})
+            started += time.perf_counter() - hook_start  # the hook's time is not training time
         improved = val["accuracy"] > best_acc  # the same decision on every rank
         if improved:
             best_acc, best_epoch = val["accuracy"], epoch + 1
