@@ -90,6 +90,15 @@ def test_lever_reference_formulations_compute_the_same_model(wrapper, kv):
     torch.testing.assert_close(changed(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_conv_patch_lever_computes_the_same_embedding():
+    torch.manual_seed(0)
+    model = bench.build_vit_mqa(TINY, 1).eval()
+    x = torch.randn(3, 3, 16, 16)
+    expected = model(x)
+    model.patch_embed = bench._ConvPatchEmbed(model.patch_embed.proj)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_memory_meter_sees_a_step_allocation():
     meter = bench._MemoryMeter(torch.device("cpu"))
 
@@ -166,6 +175,7 @@ def test_bench_shape_without_gqa_divisor_is_reported_as_skipped(tmp_path):
     (["--shapes", "vit-xl"], "unknown shape 'vit-xl'"),
     (["--impls", "timm"], "unknown implementation 'timm'"),
     (["--modes", "eval"], "unknown mode 'eval'"),
+    (["--levers", "warp-drive"], "unknown lever 'warp-drive'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--min-time", "0"], "--min-time must be > 0"),
     (["--device", "cuda"], "CUDA is not available"),
@@ -181,9 +191,11 @@ def test_bench_bad_options_are_one_line_errors(args, message):
 def test_levers_table_compares_against_the_default_path():
     rows = bench.levers(TINY, ["train", "infer"], {"train": 4, "infer": 8}, CPU,
                         {"fp32": 1.0}, lambda m: None,
-                        names=["expanded-kv", "adamw-foreach", "no-grad", "one-thread"])
+                        names=["expanded-kv", "adamw-foreach", "no-grad", "one-thread",
+                               "conv-patch"])
     got = {(r["lever"], r["mode"]) for r in rows}
     assert got == {("expanded-kv", "train"), ("expanded-kv", "infer"),
+                   ("conv-patch", "train"), ("conv-patch", "infer"),
                    ("adamw-foreach", "train"), ("no-grad", "infer"),
                    ("one-thread", "train"), ("one-thread", "infer")}
     for r in rows:

@@ -168,3 +168,42 @@ def test_shape_presets_match_the_published_shapes():
     shapes = {n: build_config(n)["model"] for n in ("vit-ti", "vit-s", "vit-b")}
     assert [(s["dim"], s["depth"], s["num_heads"]) for s in shapes.values()] == [
         (192, 12, 3), (384, 12, 6), (768, 12, 12)]
+
+
+def test_epoch_hook_adds_fields_and_its_time_is_not_training_time(small_mnist, tmp_path):
+    import time
+
+    seen = []
+
+    def hook(record, model):
+        seen.append((record["epoch"], isinstance(model, VisionTransformer)))
+        time.sleep(1.0)  # a slow hook must not count as training time
+        return {"hook_field": record["epoch"] * 10}
+
+    config = build_config(overrides={**TINY, "epochs": 2})
+    results = train(config, tmp_path / "run", data=small_mnist, quiet=True, on_epoch_end=hook)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert seen == [(1, True), (2, True)]
+    assert [r["hook_field"] for r in lines] == [10, 20]
+    # Two 1-second hooks ran; the reported elapsed time excludes them.
+    assert lines[1]["elapsed_s"] < 1.0 + lines[1]["epoch_time_s"] + lines[0]["epoch_time_s"]
+    assert results["train_time_s"] < 2.0 + lines[-1]["elapsed_s"]
+
+
+def test_compile_without_a_compiler_falls_back_to_the_eager_result(data_root, tmp_path):
+    # With no C++ compiler, torch.compile cannot build kernels; training must go on eagerly
+    # and give exactly what an eager run gives.
+    from tests.conftest import run_cli
+
+    common = ["train", "--data-dir", str(data_root), "--epochs", "1", "--max-steps", "6",
+              "--depth", "1", "--dim", "32", "--batch-size", "32", "--val-size", "500",
+              "--quiet"]
+    eager = run_cli(*common, "--out", str(tmp_path / "eager"))
+    assert eager.returncode == 0, eager.stderr
+    compiled = run_cli(*common, "--compile", "--out", str(tmp_path / "compiled"),
+                       env={"CXX": str(tmp_path / "no-such-compiler")})
+    assert compiled.returncode == 0, compiled.stderr
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert saved["train"]["compile"] is True

@@ -580,6 +580,17 @@ class _SeparateQKV(nn.Module):
         return a.proj(out), None
 
 
+class _ConvPatchEmbed(nn.Module):
+    """The patch embedding as timm and Hugging Face run it: the strided convolution."""
+
+    def __init__(self, proj: nn.Conv2d) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
 def _swap_attention(model: VisionTransformer, wrapper: type[nn.Module]) -> VisionTransformer:
     for block in model.blocks:
         block.attn = wrapper(block.attn)
@@ -593,11 +604,21 @@ LEVERS: dict[str, str] = {
     "sdpa-math": "SDPA math backend (no fused kernel)",
     "expanded-kv": "K/V copied per query head (repeat_interleave)",
     "separate-qkv": "separate Q, K, V projections",
+    "conv-patch": "patch embedding as a strided convolution",
     "adamw-foreach": "AdamW foreach instead of fused",
     "adamw-for-loop": "AdamW for-loop instead of fused",
     "no-grad": "inference under no_grad instead of inference_mode",
     "one-thread": "1 intra-op thread",
 }
+
+
+def lever_description(name: str, opts: BenchOptions) -> str:
+    """What the changed runner does, given what the default path is on this run."""
+    if name == "bf16" and opts.dtype == "bf16":
+        return "fp32 instead of bf16 autocast"
+    if name == "compile" and opts.compile:
+        return "eager instead of torch.compile"
+    return LEVERS[name]
 
 
 def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: BenchOptions,
@@ -614,8 +635,8 @@ def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: Be
                 continue
             if name.startswith("adamw") and mode == "infer":
                 continue
-            if name == "one-thread" and opts.device.type != "cpu":
-                continue
+            if name in ("one-thread", "fused-sdpa") and opts.device.type == "cuda":
+                continue  # no intra-op threads to set; the fused kernel is always used there
             variant_opts = opts
             if name == "compile":
                 variant_opts = dataclasses.replace(opts, compile=not opts.compile)
@@ -634,6 +655,8 @@ def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: Be
                         _swap_attention(model, _ExpandedKV)
                     elif name == "separate-qkv":
                         _swap_attention(model, _SeparateQKV)
+                    elif name == "conv-patch":
+                        model.patch_embed = _ConvPatchEmbed(model.patch_embed.proj)
                     elif name == "adamw-foreach":
                         kwargs["optimizer"] = "foreach"
                     elif name == "adamw-for-loop":
@@ -651,7 +674,8 @@ def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: Be
                 time_round_robin(runners, opts)
             base, changed = (statistics.median(r.rates) for r in runners)
             rows.append({"shape": shape.name, "mode": mode, "lever": name,
-                         "description": LEVERS[name], "default_images_per_s": base,
+                         "description": lever_description(name, opts),
+                         "default_images_per_s": base,
                          "changed_images_per_s": changed, "ratio": changed / base})
             say(f"lever {name} ({mode}): {changed / base:.2f}x")
     return rows
@@ -738,8 +762,8 @@ def _cpu_name() -> str:
 def run_benchmark(shapes: list[str], impls: list[str], modes: list[str], opts: BenchOptions,
                   train_batch: int | None = None, infer_batch: int | None = None,
                   with_scaling: bool = False, with_levers: bool = False,
-                  with_pipeline: bool = True, say: Callable[[str], None] = lambda m: None
-                  ) -> dict[str, Any]:
+                  with_pipeline: bool = True, say: Callable[[str], None] = lambda m: None,
+                  lever_names: list[str] | None = None) -> dict[str, Any]:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise VitMqaError(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
@@ -748,6 +772,9 @@ def run_benchmark(shapes: list[str], impls: list[str], modes: list[str], opts: B
     if bad:
         raise VitMqaError(f"unknown implementation {bad[0]!r}; choose from "
                           f"{', '.join(sorted(known_impls))}")
+    bad_levers = [n for n in lever_names or [] if n not in LEVERS]
+    if bad_levers:
+        raise VitMqaError(f"unknown lever {bad_levers[0]!r}; choose from {', '.join(LEVERS)}")
     bad_modes = [m for m in modes if m not in ("train", "infer")]
     if bad_modes:
         raise VitMqaError(f"unknown mode {bad_modes[0]!r}; choose from train, infer")
@@ -774,7 +801,7 @@ def run_benchmark(shapes: list[str], impls: list[str], modes: list[str], opts: B
                 pipeline_share(shape, batches["train"], opts))
         if with_levers:
             report.setdefault("levers", []).extend(
-                levers(shape, modes, batches, opts, peaks, say))
+                levers(shape, modes, batches, opts, peaks, say, lever_names))
     add_ratios(report["results"])
     if with_scaling:
         base = SHAPES[shapes[0]]

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     b.add_argument("--scaling", action="store_true",
                    help="also images/s against batch size and token count")
-    b.add_argument("--levers", action="store_true",
-                   help="also each speed lever, measured against the default path")
+    b.add_argument("--levers", nargs="?", const="all", metavar="NAMES",
+                   help="also each speed lever (or the comma-separated ones named), measured "
+                   "against the default path")
     b.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--markdown", metavar="FILE", help="write the tables to a file too")
 
@@ -325,7 +326,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = bench.run_benchmark(
         split(args.shapes), split(args.impls), split(args.modes), opts,
         train_batch=args.batch_size, infer_batch=args.infer_batch_size,
-        with_scaling=args.scaling, with_levers=args.levers,
+        with_scaling=args.scaling, with_levers=args.levers is not None,
+        lever_names=None if args.levers in (None, "all") else split(args.levers),
         say=bench.log if sys.stderr.isatty() or os.environ.get("VIT_MQA_VERBOSE") else
         (lambda m: None))
     bench.write_report(report, args.json, args.markdown)

@@ -11,6 +11,7 @@ training: batches are slices of one tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import http.client
@@ -132,12 +133,20 @@ class Preprocess:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] (B, C, H, W) -> normalised model input."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        mean, std = _channel_stats(tuple(self.mean), tuple(self.std), images.device,
+                                   images.dtype)
         return (images - mean) / std
 
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.normalize(images_uint8.float().div_(255.0))
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device, not per batch: on a GPU each would be a host-to-device copy.
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
 
 
 @dataclass
