@@ -190,7 +190,7 @@ def test_bench_bad_options_are_one_line_errors(args, message):
 
 def test_levers_table_compares_against_the_default_path():
     rows = bench.levers(TINY, ["train", "infer"], {"train": 4, "infer": 8}, CPU,
-                        {"fp32": 1.0}, lambda m: None,
+                        lambda m: None,
                         names=["expanded-kv", "adamw-foreach", "no-grad", "one-thread",
                                "conv-patch"])
     got = {(r["lever"], r["mode"]) for r in rows}

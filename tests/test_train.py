@@ -152,7 +152,8 @@ def test_image_folder_training_end_to_end(tmp_path):
     assert model.config.image_size == (16, 16) and model.config.num_classes == 2
 
 
-@pytest.mark.parametrize("name", ["mnist-fast", "mnist-accurate", "vit-ti", "vit-s", "vit-b"])
+@pytest.mark.parametrize("name", ["mnist-fast", "fmnist-fast", "mnist-accurate", "vit-ti",
+                                  "vit-s", "vit-b"])
 def test_every_preset_builds_a_valid_model(name):
     from vit_mqa.presets import PRESETS
 
@@ -162,6 +163,13 @@ def test_every_preset_builds_a_valid_model(name):
     assert model.num_kv_heads == 1  # presets are multi-query; --num-kv-heads changes that
     expected_dim = PRESETS[name]["model"]["dim"]
     assert model.dim == expected_dim
+
+
+def test_fmnist_fast_is_mnist_fast_on_fashion_mnist():
+    fast, fashion = build_config("mnist-fast"), build_config("fmnist-fast")
+    assert fashion["data"]["dataset"] == "fashion-mnist"
+    assert {k: v for k, v in fashion.items() if k not in ("data", "preset")} == \
+        {k: v for k, v in fast.items() if k not in ("data", "preset")}
 
 
 def test_shape_presets_match_the_published_shapes():

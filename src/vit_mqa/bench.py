@@ -285,7 +285,6 @@ class Runner:
     flops_per_image: int | None = None
     step_memory_mib: float | None = None
     compiled: bool = False
-    note: str = ""
 
 
 @dataclass
@@ -398,7 +397,7 @@ def _result(runner: Runner, shape: Shape, opts: BenchOptions,
         "flops_per_image": runner.flops_per_image, "gflops_per_s": gflops,
         "fraction_of_peak": gflops / peak if peak else None,
         "step_memory_mib": runner.step_memory_mib, "compiled": runner.compiled,
-        "dtype": opts.dtype, "note": runner.note,
+        "dtype": opts.dtype,
     }
 
 
@@ -622,8 +621,7 @@ def lever_description(name: str, opts: BenchOptions) -> str:
 
 
 def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: BenchOptions,
-           peaks: dict[str, float], say: Callable[[str], None],
-           names: list[str] | None = None) -> list[dict[str, Any]]:
+           say: Callable[[str], None], names: list[str] | None = None) -> list[dict[str, Any]]:
     """vit-mqa MQA's default path against one change at a time."""
     names = names or list(LEVERS)
     rows = []
@@ -801,7 +799,7 @@ def run_benchmark(shapes: list[str], impls: list[str], modes: list[str], opts: B
                 pipeline_share(shape, batches["train"], opts))
         if with_levers:
             report.setdefault("levers", []).extend(
-                levers(shape, modes, batches, opts, peaks, say, lever_names))
+                levers(shape, modes, batches, opts, say, lever_names))
     add_ratios(report["results"])
     if with_scaling:
         base = SHAPES[shapes[0]]
