@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from vit_mqa.data import DataConfig, load_data
+from vit_mqa.errors import VitMqaError
 from vit_mqa.evaluate import evaluate
 from vit_mqa.train import build_config, train
 
@@ -113,8 +115,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     overrides = dict(args.set)
-    runs = [run_seed(args.preset, s, overrides, args.data_dir, out, args.quiet)
-            for s in args.seeds]
+    try:
+        runs = [run_seed(args.preset, s, overrides, args.data_dir, out, args.quiet)
+                for s in args.seeds]
+    except (VitMqaError, OSError) as e:  # bad setting, preset, data, run directory
+        sys.exit(f"time_to_accuracy: error: {e}")
     summary = summarize(runs)
     report = {"preset": args.preset, "overrides": overrides, "summary": summary, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)

@@ -33,3 +33,13 @@ def test_time_to_accuracy_records_every_epoch_and_summarizes_seeds(data_root, tm
     assert accs[0] != accs[1]
     assert abs(report["summary"]["test_accuracy"][0] - sum(accs) / 2) < 1e-9
     assert "2 seeds" in result.stdout and "not reached" in result.stdout
+
+
+def test_time_to_accuracy_bad_setting_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--seeds", "0",
+         "--out", str(tmp_path / "x"), "--set", "depht=3"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "time_to_accuracy: error: unknown setting 'depht'"
+    assert not (tmp_path / "x").exists()

@@ -532,13 +532,17 @@ def scaling(shape: Shape, batch_sizes: list[int], image_sizes: list[int], modes:
 # ----- levers: each measured against the default path, everything else fixed --------
 
 
-class _ExpandedKV(nn.Module):
-    """Reference formulation that copies each K/V head once per query head (repeat_interleave)
-    and runs ordinary multi-head SDPA: what the folded formulation avoids."""
+class _AttentionVariant(nn.Module):
+    """Another formulation of the same attention layer, sharing its weights."""
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
         self.attn = attn
+
+
+class _ExpandedKV(_AttentionVariant):
+    """Reference formulation that copies each K/V head once per query head (repeat_interleave)
+    and runs ordinary multi-head SDPA: what the folded formulation avoids."""
 
     def forward(self, x: torch.Tensor, return_attention: bool = False
                 ) -> tuple[torch.Tensor, None]:
@@ -553,13 +557,9 @@ class _ExpandedKV(nn.Module):
         return a.proj(out.transpose(1, 2).reshape(B, N, -1)), None
 
 
-class _SeparateQKV(nn.Module):
+class _SeparateQKV(_AttentionVariant):
     """Three projections (as Hugging Face's ViT has) instead of one fused matmul; same
     weights, sliced from the fused parameter."""
-
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__()
-        self.attn = attn
 
     def forward(self, x: torch.Tensor, return_attention: bool = False
                 ) -> tuple[torch.Tensor, None]:
