@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from vit_mqa.augment import AugmentConfig, affine_theta, random_affine, warp
+from vit_mqa.augment import (
+    AugmentConfig,
+    affine_theta,
+    augment,
+    random_affine,
+    random_erase,
+    random_hflip,
+    warp,
+)
 from vit_mqa.errors import VitMqaError
 
 
@@ -65,3 +73,49 @@ def test_non_square_images():
 def test_bad_ranges():
     with pytest.raises(VitMqaError, match="scale_min <= scale_max"):
         AugmentConfig(scale_min=1.2, scale_max=1.0).validate()
+
+
+def test_later_stages_leave_the_affine_draws_unchanged():
+    """Switching flips / erasing on must not move the affine stage's random draws, so
+    runs recorded before these stages existed replay exactly."""
+    x = torch.rand(8, 1, 28, 28)
+    base = AugmentConfig()
+    affine_only = augment(x, base, torch.Generator().manual_seed(5))
+    reference = random_affine(x, base, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(affine_only, reference)
+    flipped = augment(x, AugmentConfig(hflip=1.0), torch.Generator().manual_seed(5))
+    torch.testing.assert_close(flipped, affine_only.flip(-1))
+    off = AugmentConfig(rotate=0, scale_min=1, scale_max=1, translate=0)
+    assert augment(x, off, torch.Generator().manual_seed(0)) is x
+
+
+def test_hflip_mirrors_about_half_the_images():
+    x = torch.rand(400, 1, 6, 9)
+    out = random_hflip(x, 0.5, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
+    unchanged = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    assert bool((mirrored ^ unchanged).all())  # every image is one or the other
+    assert 160 < int(mirrored.sum()) < 240
+
+
+def test_erase_zeroes_one_rectangle_of_the_drawn_size():
+    x = torch.ones(300, 2, 20, 30)
+    cfg = AugmentConfig(erase=0.5, erase_min_area=0.1, erase_max_area=0.2, erase_ratio=2.0)
+    out = random_erase(x, cfg, torch.Generator().manual_seed(1))
+    zero = out == 0
+    assert torch.equal(zero[:, 0], zero[:, 1])  # the same rectangle in every channel
+    erased = zero[:, 0].flatten(1).any(1)
+    assert 110 < int(erased.sum()) < 190
+    for mask in zero[erased, 0]:
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert int(mask.sum()) == h * w  # one solid rectangle
+        assert 0.1 * 600 * 0.8 <= h * w <= 0.2 * 600 * 1.2  # area, up to rounding
+        assert 1 / 2.0 / 1.5 <= h / w <= 2.0 * 1.5  # aspect ratio, up to rounding
+
+
+def test_erase_and_flip_bad_settings():
+    with pytest.raises(VitMqaError, match="probabilities"):
+        AugmentConfig(hflip=1.5).validate()
+    with pytest.raises(VitMqaError, match="erase_min_area"):
+        AugmentConfig(erase=0.5, erase_min_area=0.5, erase_max_area=0.2).validate()

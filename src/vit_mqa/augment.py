@@ -1,9 +1,10 @@
 """Batched augmentation on tensors, on the training device.
 
 One random affine transform per image (rotation, isotropic scale, translation),
-applied to the whole batch with a single ``affine_grid`` + ``grid_sample``. All
-randomness comes from an explicit ``torch.Generator`` so that a seed fixes it and
-a checkpoint can store its state.
+applied to the whole batch with a single ``affine_grid`` + ``grid_sample``; then,
+where switched on, a random horizontal flip and random erasing (Zhong et al. 2017),
+both as whole-batch masks. All randomness comes from an explicit ``torch.Generator``
+so that a seed fixes it and a checkpoint can store its state.
 """
 
 from __future__ import annotations
@@ -25,18 +26,81 @@ class AugmentConfig:
     scale_min: float = 0.9  # isotropic zoom, uniform in [scale_min, scale_max]
     scale_max: float = 1.1
     translate: float = 0.1  # max shift as a fraction of height / width
+    hflip: float = 0.0  # probability of a horizontal flip (clothing, not digits)
+    erase: float = 0.0  # probability of erasing one random rectangle to background (0)
+    erase_min_area: float = 0.02  # the rectangle's share of the image, uniform in [min, max]
+    erase_max_area: float = 0.33
+    erase_ratio: float = 3.3  # its aspect ratio, log-uniform in [1/ratio, ratio]
 
     def validate(self) -> None:
         if self.rotate < 0 or self.translate < 0:
             raise VitMqaError("rotate and translate must be >= 0")
+        if not (0 <= self.hflip <= 1 and 0 <= self.erase <= 1):
+            raise VitMqaError(f"hflip and erase are probabilities in [0, 1], got "
+                              f"{self.hflip}, {self.erase}")
+        if not 0 < self.erase_min_area <= self.erase_max_area <= 1 or self.erase_ratio < 1:
+            raise VitMqaError(
+                f"need 0 < erase_min_area <= erase_max_area <= 1 and erase_ratio >= 1, got "
+                f"{self.erase_min_area}, {self.erase_max_area}, {self.erase_ratio}")
         if not 0 < self.scale_min <= self.scale_max:
             raise VitMqaError(
                 f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}"
             )
 
     @property
-    def enabled(self) -> bool:
+    def affine(self) -> bool:
         return self.rotate > 0 or self.translate > 0 or self.scale_min != 1 or self.scale_max != 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.affine or self.hflip > 0 or self.erase > 0
+
+
+def augment(images: torch.Tensor, config: AugmentConfig,
+            generator: torch.Generator) -> torch.Tensor:
+    """Float images (B, C, H, W), background 0 -> augmented copies (or the input itself
+    when everything is switched off). ``generator`` must live on the images' device.
+
+    Each stage draws from the generator only when it is on, so switching on a later
+    stage leaves the earlier stages' draws, and older runs, unchanged."""
+    images = random_affine(images, config, generator)
+    if config.hflip > 0:
+        images = random_hflip(images, config.hflip, generator)
+    if config.erase > 0:
+        images = random_erase(images, config, generator)
+    return images
+
+
+def random_hflip(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability p."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < p
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def random_erase(images: torch.Tensor, config: AugmentConfig,
+                 generator: torch.Generator) -> torch.Tensor:
+    """With probability ``config.erase`` per image, set one random rectangle to 0: its
+    area a uniform share of the image, its aspect ratio log-uniform, its place uniform."""
+    B, _, H, W = images.shape
+    dev = images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(B, generator=generator, device=dev) * (high - low) + low
+
+    chosen = uniform(0, 1) < config.erase
+    area = uniform(config.erase_min_area, config.erase_max_area) * (H * W)
+    log_ratio = math.log(config.erase_ratio)
+    ratio = torch.exp(uniform(-log_ratio, log_ratio))
+    h = torch.sqrt(area * ratio).round().clamp(1, H)
+    w = torch.sqrt(area / ratio).round().clamp(1, W)
+    top = (uniform(0, 1) * (H - h + 1)).floor()
+    left = (uniform(0, 1) * (W - w + 1)).floor()
+    rows = torch.arange(H, device=dev)[None, :]
+    cols = torch.arange(W, device=dev)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (B, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]
+    return images.masked_fill(mask[:, None], 0.0)
 
 
 def random_affine(images: torch.Tensor, config: AugmentConfig,
@@ -45,7 +109,7 @@ def random_affine(images: torch.Tensor, config: AugmentConfig,
 
     ``generator`` must live on the images' device.
     """
-    if not config.enabled:
+    if not config.affine:
         return images
     B, _, H, W = images.shape
     dev, dt = images.device, images.dtype

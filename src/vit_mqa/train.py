@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__, distributed
-from .augment import AugmentConfig, random_affine
+from .augment import AugmentConfig, augment
 from .checkpoint import (
     CONFIG_NAME,
     LAST_WEIGHTS_NAME,
@@ -235,7 +235,7 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, pr
     """uint8 images and labels already on the device, batch indices -> augmented, normalised
     model input and labels. Everything stays on the device: no loader processes, no copies."""
     x = images[idx].float().div_(255.0)
-    return pre.normalize(random_affine(x, aug_cfg, aug_gen)), labels[idx]
+    return pre.normalize(augment(x, aug_cfg, aug_gen)), labels[idx]
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
