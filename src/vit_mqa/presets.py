@@ -24,6 +24,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"dataset": "mnist"},
         "train": {"epochs": 10, "batch_size": 64, "lr": 2e-3},
     },
+    # The 3-minute recipe: >= 99 % MNIST test accuracy in about 3 minutes of training on a
+    # 2-core CPU. Wider and shallower than mnist-fast (as fast per image, better per
+    # epoch), mean pooling, batch 128, 6 epochs (measured in the README, "Time to accuracy").
+    "mnist-3min": {
+        "model": {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
+                  "mlp_ratio": 2.0, "pooling": "mean"},
+        "data": {"dataset": "mnist"},
+        "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
+    },
     # The same recipe on Fashion-MNIST (measured in the README, "Time to accuracy").
     "fmnist-fast": {
         "model": {"patch_size": 7, "dim": 64, "depth": 6, "num_heads": 4, "num_kv_heads": 1,
