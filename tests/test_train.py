@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
+from vit_mqa.augment import AugmentConfig
 from vit_mqa.checkpoint import load_weights
 from vit_mqa.data import DataConfig, Split, load_data
 from vit_mqa.errors import VitMqaError
@@ -152,8 +153,8 @@ def test_image_folder_training_end_to_end(tmp_path):
     assert model.config.image_size == (16, 16) and model.config.num_classes == 2
 
 
-@pytest.mark.parametrize("name", ["mnist-fast", "fmnist-fast", "mnist-accurate", "vit-ti",
-                                  "vit-s", "vit-b"])
+@pytest.mark.parametrize("name", ["mnist-fast", "mnist-3min", "fmnist-fast", "mnist-accurate",
+                                  "fmnist-accurate", "vit-ti", "vit-s", "vit-b"])
 def test_every_preset_builds_a_valid_model(name):
     from vit_mqa.presets import PRESETS
 
@@ -165,11 +166,22 @@ def test_every_preset_builds_a_valid_model(name):
     assert model.dim == expected_dim
 
 
-def test_fmnist_fast_is_mnist_fast_on_fashion_mnist():
-    fast, fashion = build_config("mnist-fast"), build_config("fmnist-fast")
+def test_time_to_accuracy_presets():
+    """The measured recipes keep the settings the README's figures were taken with."""
+    sprint, fashion = build_config("mnist-3min"), build_config("fmnist-fast")
+    accurate = build_config("mnist-accurate")
     assert fashion["data"]["dataset"] == "fashion-mnist"
-    assert {k: v for k, v in fashion.items() if k not in ("data", "preset")} == \
-        {k: v for k, v in fast.items() if k not in ("data", "preset")}
+    assert sprint["data"]["dataset"] == accurate["data"]["dataset"] == "mnist"
+    # One model for the three: patch 7, width 96, depth 4, mean pooling.
+    assert sprint["model"] == fashion["model"] == accurate["model"]
+    assert (sprint["model"]["dim"], sprint["model"]["depth"], sprint["model"]["pooling"]) == (
+        96, 4, "mean")
+    assert AugmentConfig(**sprint["augment"]).affine
+    assert not AugmentConfig(**fashion["augment"]).enabled  # no augmentation on clothing
+    assert (sprint["train"]["epochs"], accurate["train"]["epochs"]) == (6, 36)
+    # The Fashion-MNIST long recipe flips and erases, and never rotates clothing.
+    long_fashion = AugmentConfig(**build_config("fmnist-accurate")["augment"])
+    assert long_fashion.hflip > 0 and long_fashion.erase > 0 and long_fashion.rotate == 0
 
 
 def test_shape_presets_match_the_published_shapes():

@@ -33,20 +33,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"dataset": "mnist"},
         "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
     },
-    # The same recipe on Fashion-MNIST (measured in the README, "Time to accuracy").
+    # Fashion-MNIST, fast: the mnist-3min model without augmentation. Random shifts and
+    # flips slowed learning in 3-epoch trials (README, "Time to accuracy").
     "fmnist-fast": {
-        "model": {"patch_size": 7, "dim": 64, "depth": 6, "num_heads": 4, "num_kv_heads": 1,
-                  "mlp_ratio": 2.0},
+        "model": {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
+                  "mlp_ratio": 2.0, "pooling": "mean"},
         "data": {"dataset": "fashion-mnist"},
-        "train": {"epochs": 10, "batch_size": 64, "lr": 2e-3},
+        "augment": {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0},
+        "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
     },
-    # Longer and finer: 49 patch tokens, twice the width, stochastic depth.
+    # MNIST, the most accurate recipe measured here: the mnist-3min model trained 6x longer
+    # (about 20 minutes on a 2-core CPU).
     "mnist-accurate": {
-        "model": {"patch_size": 4, "dim": 128, "depth": 6, "num_heads": 8, "num_kv_heads": 1,
-                  "mlp_ratio": 2.0, "drop_path": 0.1},
+        "model": {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
+                  "mlp_ratio": 2.0, "pooling": "mean"},
         "data": {"dataset": "mnist"},
-        "augment": {"rotate": 12.0, "translate": 0.12},
-        "train": {"epochs": 40, "batch_size": 128, "lr": 1.5e-3, "warmup_epochs": 2.0},
+        "train": {"epochs": 36, "batch_size": 128, "lr": 3e-3},
+    },
+    # Fashion-MNIST, about 30 minutes on a 2-core CPU: finer patches (49 tokens) for
+    # textures; flips and random erasing (Zhong et al. 2017) instead of rotations.
+    "fmnist-accurate": {
+        "model": {"patch_size": 4, "dim": 64, "depth": 6, "num_heads": 4, "num_kv_heads": 1,
+                  "mlp_ratio": 2.0, "pooling": "mean"},
+        "data": {"dataset": "fashion-mnist"},
+        "augment": {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0,
+                    "hflip": 0.5, "erase": 0.25},
+        "train": {"epochs": 18, "batch_size": 128, "lr": 2e-3},
     },
     "vit-ti": {
         "model": {"patch_size": 4, "dim": 192, "depth": 12, "num_heads": 3, "num_kv_heads": 1,
