@@ -178,7 +178,7 @@ def test_time_to_accuracy_presets():
         96, 4, "mean")
     assert AugmentConfig(**sprint["augment"]).affine
     assert not AugmentConfig(**fashion["augment"]).enabled  # no augmentation on clothing
-    assert (sprint["train"]["epochs"], accurate["train"]["epochs"]) == (6, 36)
+    assert (sprint["train"]["epochs"], accurate["train"]["epochs"]) == (6, 30)
     # The Fashion-MNIST long recipe flips and erases, and never rotates clothing.
     long_fashion = AugmentConfig(**build_config("fmnist-accurate")["augment"])
     assert long_fashion.hflip > 0 and long_fashion.erase > 0 and long_fashion.rotate == 0
