@@ -11,6 +11,11 @@ seeds) and writes JSON.
         --data-dir ../shared/data --out runs/tta-mnist-fast
     python benchmarks/time_to_accuracy.py --preset fmnist-fast --seeds 0 1 2 --out runs/tta-f
     python benchmarks/time_to_accuracy.py --preset mnist-fast --set num_kv_heads=4 ...
+
+Seeds of one recipe trained in separate runs (for instance one per session) are merged
+into one report, after checking that every run used the same settings but the seed:
+
+    python benchmarks/time_to_accuracy.py --combine runs/a runs/b --out runs/ab
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vit_mqa.checkpoint import write_json
 from vit_mqa.data import DataConfig, load_data
 from vit_mqa.errors import VitMqaError
 from vit_mqa.evaluate import evaluate
@@ -87,6 +93,49 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "images_per_s": img_s, "parameters": runs[0]["parameters"], "reached": reached}
 
 
+def without_seed(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the seed (and the machine-specific data path) left out."""
+    train = {k: v for k, v in config["train"].items() if k != "seed"}
+    data = {k: v for k, v in config["data"].items() if k != "data_dir"}
+    return {**config, "train": train, "data": data}
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    file = path / "time_to_accuracy.json" if path.is_dir() else path
+    try:
+        report = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise VitMqaError(f"no report at {file}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VitMqaError(f"{file} is not a time_to_accuracy report: {e}") from None
+    runs = report.get("runs") if isinstance(report, dict) else None
+    if (not isinstance(runs, list) or not runs or "preset" not in report
+            or not all(isinstance(r, dict) and {"seed", "config", "epochs"} <= r.keys()
+                       for r in runs)):
+        raise VitMqaError(f"{file} is not a time_to_accuracy report")
+    return report
+
+
+def combine(paths: list[Path]) -> dict[str, Any]:
+    """Merge reports of one recipe, each from its own run, into one report."""
+    reports = [load_report(path) for path in paths]
+    recipe = (reports[0]["preset"], reports[0].get("overrides", {}))
+    reference = without_seed(reports[0]["runs"][0]["config"])
+    for report, path in zip(reports, paths):
+        if (report["preset"], report.get("overrides", {})) != recipe:
+            raise VitMqaError(f"{path} holds preset {report['preset']!r} with overrides "
+                              f"{report.get('overrides', {})}, not {recipe[0]!r} with {recipe[1]}")
+        for run in report["runs"]:
+            if without_seed(run["config"]) != reference:
+                raise VitMqaError(f"seed {run['seed']} in {path} was trained with other settings")
+    runs = sorted((run for report in reports for run in report["runs"]),
+                  key=lambda run: run["seed"])
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise VitMqaError(f"a seed appears in more than one report: {seeds}")
+    return {"preset": recipe[0], "overrides": recipe[1], "summary": summarize(runs), "runs": runs}
+
+
 def markdown(preset: str, overrides: dict[str, Any], summary: dict[str, Any]) -> str:
     acc, t = summary["test_accuracy"], summary["train_time_s"]
     parts = [f"preset {preset}" + (f" + {overrides}" if overrides else ""),
@@ -112,19 +161,25 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="REPORT",
+                        help="merge these reports (directories or JSON files) instead of "
+                             "training")
     args = parser.parse_args()
     out = Path(args.out)
     overrides = dict(args.set)
     try:
-        runs = [run_seed(args.preset, s, overrides, args.data_dir, out, args.quiet)
-                for s in args.seeds]
-    except (VitMqaError, OSError) as e:  # bad setting, preset, data, run directory
+        if args.combine:
+            report = combine(args.combine)
+        else:
+            runs = [run_seed(args.preset, s, overrides, args.data_dir, out, args.quiet)
+                    for s in args.seeds]
+            report = {"preset": args.preset, "overrides": overrides,
+                      "summary": summarize(runs), "runs": runs}
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "time_to_accuracy.json", report)
+    except (VitMqaError, OSError) as e:  # bad setting, preset, data, report, run directory
         sys.exit(f"time_to_accuracy: error: {e}")
-    summary = summarize(runs)
-    report = {"preset": args.preset, "overrides": overrides, "summary": summary, "runs": runs}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "time_to_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(args.preset, overrides, summary))
+    print(markdown(report["preset"], report["overrides"], report["summary"]))
 
 
 if __name__ == "__main__":

@@ -9,16 +9,27 @@ import sys
 from tests.conftest import REPO
 
 
+def run_tta(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"),
+                           *args], capture_output=True, text=True, timeout=600)
+
+
 def test_time_to_accuracy_records_every_epoch_and_summarizes_seeds(data_root, tmp_path):
+    # Each seed in its own run, then merged, as the README's long presets were.
+    tiny = ["--preset", "mnist-fast", "--data-dir", str(data_root), "--set", "epochs=2",
+            "--set", "dim=32", "--set", "depth=1", "--set", "warmup_epochs=0.01", "--quiet"]
+    for seed in (0, 1):
+        result = run_tta(*tiny, "--seeds", str(seed), "--out", str(tmp_path / f"s{seed}"))
+        assert result.returncode == 0, result.stderr
+        assert "1 seeds" in result.stdout
     out = tmp_path / "tta"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "time_to_accuracy.py"), "--preset",
-         "mnist-fast", "--seeds", "0", "1", "--data-dir", str(data_root), "--out", str(out),
-         "--set", "epochs=2", "--set", "dim=32", "--set", "depth=1",
-         "--set", "warmup_epochs=0.01", "--quiet"],
-        capture_output=True, text=True, timeout=600)
+    result = run_tta("--combine", str(tmp_path / "s1"), str(tmp_path / "s0" /
+                     "time_to_accuracy.json"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "time_to_accuracy.json").read_text())
+    singles = [json.loads((tmp_path / f"s{s}" / "time_to_accuracy.json").read_text())
+               for s in (0, 1)]
+    assert report["runs"] == [singles[0]["runs"][0], singles[1]["runs"][0]]
     assert [r["seed"] for r in report["runs"]] == [0, 1]
     for run in report["runs"]:
         assert [e["epoch"] for e in run["epochs"]] == [1, 2]
@@ -32,7 +43,26 @@ def test_time_to_accuracy_records_every_epoch_and_summarizes_seeds(data_root, tm
     accs = [r["final_test_accuracy"] for r in report["runs"]]
     assert accs[0] != accs[1]
     assert abs(report["summary"]["test_accuracy"][0] - sum(accs) / 2) < 1e-9
+    assert report["summary"]["seeds"] == [0, 1]
     assert "2 seeds" in result.stdout and "not reached" in result.stdout
+
+    # Merging refuses a repeated seed and a run trained with other settings.
+    result = run_tta("--combine", str(tmp_path / "s0"), str(out), "--out", str(tmp_path / "x"))
+    assert result.returncode != 0 and not (tmp_path / "x").exists()
+    assert result.stderr.strip() == ("time_to_accuracy: error: a seed appears in more than "
+                                     "one report: [0, 0, 1]")
+    singles[1]["runs"][0]["config"]["model"]["depth"] = 2
+    (tmp_path / "other.json").write_text(json.dumps(singles[1]))
+    result = run_tta("--combine", str(tmp_path / "s0"), str(tmp_path / "other.json"),
+                     "--out", str(tmp_path / "x"))
+    assert result.returncode != 0 and not (tmp_path / "x").exists()
+    assert result.stderr.strip() == (f"time_to_accuracy: error: seed 1 in {tmp_path / 'other.json'}"
+                                     " was trained with other settings")
+    (tmp_path / "bad.json").write_text("{}")
+    result = run_tta("--combine", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"))
+    assert result.stderr.strip() == (f"time_to_accuracy: error: {tmp_path / 'bad.json'} is not "
+                                     "a time_to_accuracy report")
+    assert result.returncode != 0 and not (tmp_path / "x").exists()
 
 
 def test_time_to_accuracy_bad_setting_is_a_one_line_error(tmp_path):
