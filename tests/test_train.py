@@ -8,6 +8,7 @@ from vit_mqa.augment import AugmentConfig
 from vit_mqa.checkpoint import load_weights
 from vit_mqa.data import DataConfig, Split, load_data
 from vit_mqa.errors import VitMqaError
+from vit_mqa.evaluate import evaluate
 from vit_mqa.model import VisionTransformer, ViTConfig
 from vit_mqa.train import build_config, lr_factor, train
 
@@ -115,6 +116,51 @@ def test_resume_after_a_crash_between_epoch_writes(small_mnist, tmp_path):
     assert all(torch.equal(done[k], again[k]) for k in done)
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in metrics] == [1, 2]
+
+
+def test_ema_follows_the_training_weights_with_a_warmed_up_decay(small_mnist, tmp_path):
+    """After step 1 the average is the weights; after step 2 it moves 1 - min(d, 2/11) of the
+    way to them. Saved weights are the average; the training state keeps both."""
+    def run(name, steps):
+        config = build_config(overrides={**TINY, "epochs": 1, "max_steps": steps,
+                                         "ema_decay": 0.9})
+        train(config, tmp_path / name, data=small_mnist, quiet=True)
+        state = torch.load(tmp_path / name / "training_state.pt", weights_only=True)
+        return state["model"], _weights(tmp_path / name)
+
+    raw1, ema1 = run("one", 1)
+    raw2, ema2 = run("two", 2)
+    assert all(torch.equal(raw1[k], ema1[k]) for k in raw1)
+    weight = 1 - min(0.9, 2 / 11)
+    for k in raw2:
+        torch.testing.assert_close(ema2[k], raw1[k] + weight * (raw2[k] - raw1[k]))
+    assert not all(torch.equal(raw2[k], ema2[k]) for k in raw2)
+    # The test score is the saved best weights' (the average), not the raw weights'.
+    model = VisionTransformer(ViTConfig.from_dict(
+        json.loads((tmp_path / "two" / "config.json").read_text())["model"]))
+    load_weights(model, tmp_path / "two" / "model.safetensors")
+    test = evaluate(model, small_mnist.test, small_mnist.preprocess)
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert abs(results["test_accuracy"] - test["accuracy"]) < 1e-9
+
+
+def test_resume_with_ema_reproduces_an_uninterrupted_run_exactly(small_mnist, tmp_path):
+    overrides = {**TINY, "epochs": 2, "ema_decay": 0.99, "dropout": 0.1}
+    train(build_config(overrides=overrides), tmp_path / "full", data=small_mnist, quiet=True)
+    first = build_config(overrides={**overrides, "max_steps": len(small_mnist.train) // 32})
+    train(first, tmp_path / "part", data=small_mnist, quiet=True)
+    train({"train": {"max_steps": 0}}, tmp_path / "part", resume=True, data=small_mnist,
+          quiet=True)
+    for name in ("last.safetensors", "model.safetensors"):
+        full, resumed = _weights(tmp_path / "full", name), _weights(tmp_path / "part", name)
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_ema_decay_out_of_range_is_refused(small_mnist, tmp_path):
+    with pytest.raises(VitMqaError, match=r"ema_decay must be in \[0, 1\), got 1.0"):
+        train(build_config(overrides={**TINY, "ema_decay": 1.0}), tmp_path / "run",
+              data=small_mnist, quiet=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_directory_is_refused(small_mnist, tmp_path):

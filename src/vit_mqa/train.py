@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import __version__, distributed
@@ -68,6 +69,9 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     eval_batch_size: int = 1000
     max_steps: int = 0  # stop after this many optimizer steps in all (0 = no cap)
+    # Exponential moving average of the weights, updated every step (0 = off). When on,
+    # validation, model selection, the saved weights and the test score use the average.
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "eval_batch_size")
@@ -82,6 +86,8 @@ class TrainConfig:
             raise VitMqaError("warmup_epochs, weight_decay and grad_clip must be >= 0")
         if self.max_steps < 0:
             raise VitMqaError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not 0 <= self.ema_decay < 1:
+            raise VitMqaError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 SECTIONS: dict[str, type] = {
@@ -254,6 +260,25 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: t
     return loss, logits
 
 
+def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """A copy of ``model`` whose weights follow an exponential moving average of its own.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, as in timm's
+    model EMA, so that the average forgets the random initialisation within a short run.
+    """
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               num_averaged: torch.Tensor) -> None:
+        # Called once per device and dtype; AveragedModel copies on its first update.
+        if not averaged[0].is_floating_point():  # integer buffers are not averaged
+            torch._foreach_copy_(averaged, current)
+            return
+        n = int(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1 + n) / (10 + n)))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def _sharded_eval(model: torch.nn.Module, split: Split, pre: Preprocess, cfg: TrainConfig,
                   device: torch.device, ctx: DistContext, num_classes: int) -> dict[str, Any]:
     """Each rank scores every world_size-th image; losses and confusion matrices are summed."""
@@ -350,6 +375,9 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     optimizer = make_optimizer(model, train_cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
+    ema = make_ema(model, train_cfg.ema_decay) if train_cfg.ema_decay else None
+    # The weights that are validated, saved and tested: the average when there is one.
+    eval_model = ema.module if ema is not None else model
 
     full_config = {**config, "preprocess": pre.to_dict(), "classes": data.classes,
                    "vit_mqa_version": __version__}
@@ -361,6 +389,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise VitMqaError(f"cannot resume: {run_dir / STATE_NAME} does not match the "
                               f"run's config ({str(e).splitlines()[0]})") from None
@@ -419,6 +449,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             # DDP averages gradients across ranks: the global-batch gradient.
             loss, logits = training_step(step_model, optimizer, x, y, train_cfg, autocast)
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             seen += y.shape[0]
             loss_sum += loss.detach() * y.shape[0]
@@ -435,7 +467,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                              torch.tensor(seen, device=device).double()]), ctx)
         train_time = time.perf_counter() - epoch_start
-        val = _sharded_eval(model, data.val, pre, train_cfg, device, ctx, len(data.classes))
+        val = _sharded_eval(eval_model, data.val, pre, train_cfg, device, ctx, len(data.classes))
         seen_all = max(totals[2].item(), 1)
         record = {
             "epoch": epoch + 1,
@@ -452,16 +484,16 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         }
         if on_epoch_end is not None:
             hook_start = time.perf_counter()
-            record.update(on_epoch_end(dict(record), model) or {})
+            record.update(on_epoch_end(dict(record), eval_model) or {})
             started += time.perf_counter() - hook_start  # the hook's time is not training time
         improved = val["accuracy"] > best_acc  # the same decision on every rank
         if improved:
             best_acc, best_epoch = val["accuracy"], epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
         if ctx.is_main:
-            save_weights(model, run_dir / LAST_WEIGHTS_NAME)
+            save_weights(eval_model, run_dir / LAST_WEIGHTS_NAME)
             if improved:
-                save_weights(model, run_dir / WEIGHTS_NAME)
+                save_weights(eval_model, run_dir / WEIGHTS_NAME)
             append_jsonl(run_dir / METRICS_NAME, record)
             # Written last, and alone sufficient to resume: a crash before this line
             # resumes from the previous epoch, whose metrics line is then dropped.
@@ -473,6 +505,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
                 "step": step,
                 "best_val_accuracy": best_acc,
                 "best_epoch": best_epoch,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         say(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.4f}  val loss {val['loss']:.4f}  "
@@ -483,10 +516,10 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
 
     # Final evaluation: the best checkpoint by validation accuracy, on the test set.
     if best_state is not None:
-        model.load_state_dict(best_state)
+        eval_model.load_state_dict(best_state)
     else:  # the best epoch was before a resume
-        load_weights(model, run_dir / WEIGHTS_NAME, device)
-    test = _sharded_eval(model, data.test, pre, train_cfg, device, ctx, len(data.classes))
+        load_weights(eval_model, run_dir / WEIGHTS_NAME, device)
+    test = _sharded_eval(eval_model, data.test, pre, train_cfg, device, ctx, len(data.classes))
     report = report_from_confusion(test["confusion"], data.classes)
     results = {
         "test_accuracy": report["accuracy"],
