@@ -118,9 +118,9 @@ def test_resume_after_a_crash_between_epoch_writes(small_mnist, tmp_path):
     assert [json.loads(x)["epoch"] for x in metrics] == [1, 2]
 
 
-def test_ema_follows_the_training_weights_with_a_warmed_up_decay(small_mnist, tmp_path):
-    """After step 1 the average is the weights; after step 2 it moves 1 - min(d, 2/11) of the
-    way to them. Saved weights are the average; the training state keeps both."""
+def test_ema_follows_the_training_weights(small_mnist, tmp_path):
+    """After step 1 the average is the weights; after step 2 it moves 1 - decay of the way
+    to them. Saved weights are the average; the training state keeps both."""
     def run(name, steps):
         config = build_config(overrides={**TINY, "epochs": 1, "max_steps": steps,
                                          "ema_decay": 0.9})
@@ -131,7 +131,7 @@ def test_ema_follows_the_training_weights_with_a_warmed_up_decay(small_mnist, tm
     raw1, ema1 = run("one", 1)
     raw2, ema2 = run("two", 2)
     assert all(torch.equal(raw1[k], ema1[k]) for k in raw1)
-    weight = 1 - min(0.9, 2 / 11)
+    weight = 1 - 0.9
     for k in raw2:
         torch.testing.assert_close(ema2[k], raw1[k] + weight * (raw2[k] - raw1[k]))
     assert not all(torch.equal(raw2[k], ema2[k]) for k in raw2)
