@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,48 @@ def write_image_folder(root: Path, per_class: int = 12, size=(20, 24), mode="L",
             img = Image.fromarray(a, mode="L").convert(mode)
             img.save(root / name / f"{i}.png")
     return root
+
+
+# A model small enough that a run on tiny_folder takes seconds.
+TINY_TRAIN = ["--dim", "16", "--depth", "1", "--num-heads", "2", "--patch-size", "4",
+              "--mlp-ratio", "2", "--batch-size", "8", "--val-size", "8", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """48 images of 16x16 pixels in two classes."""
+    return write_image_folder(tmp_path_factory.mktemp("data") / "bars", per_class=24,
+                              size=(16, 16))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_folder) -> Path:
+    """A one-epoch run of a tiny model on tiny_folder, through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_cli("train", "--dataset", str(tiny_folder), "--out", str(out), "--epochs", "1",
+                     *TINY_TRAIN)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+HARNESS = REPO / "tests" / "cli_harness.py"
+MEMORY_LIMIT = 3 << 30  # bytes above what torch maps at import: far more than any case needs
+
+
+def run_cli_cases(cases: list[list[str]], tmp_path: Path) -> list[dict]:
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(HARNESS), str(MEMORY_LIMIT),
+                             str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def assert_one_line_error(result: dict, fragment: str) -> None:
+    argv = " ".join(result["argv"])
+    assert result["raised"] is None, f"{argv} raised:\n{result['raised']}"
+    lines = result["stderr"].strip().splitlines()
+    assert result["code"] in (1, 2), f"{argv}: exit {result['code']}, stderr {lines}"
+    assert len(lines) == 1 and lines[0].startswith("vit-mqa: error: "), f"{argv}: {lines}"
+    assert fragment in lines[0], f"{argv}: {lines[0]!r} does not say {fragment!r}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
+from vit_mqa import data as data_module
 from vit_mqa.data import (
     DATASETS,
     DataConfig,
@@ -39,12 +40,31 @@ def test_mnist_loads_verified_with_fixed_split(data_root):
     assert not any(bytes(r) in train_rows for r in data.val.images.flatten(1).numpy()[:200])
 
 
-def test_fashion_mnist_loads_from_usr_share_datasets(monkeypatch):
-    monkeypatch.delenv("VIT_MQA_DATA", raising=False)
-    data = load_data(DataConfig(dataset="fashion-mnist", download=False))
-    assert data.source == "/usr/share/datasets/fashion-mnist"
+def _system_datasets_with_fashion(data_root: Path, root: Path) -> Path:
+    """A stand-in for /usr/share/datasets holding Fashion-MNIST, as Debian's
+    dataset-fashion-mnist lays it out (links to the data root's verified files)."""
+    (root / "fashion-mnist").mkdir(parents=True)
+    for stem in DATASETS["fashion-mnist"].files.values():
+        (root / "fashion-mnist" / f"{stem}.gz").symlink_to(
+            data_root / "fashion-mnist" / f"{stem}.gz")
+    return root
+
+
+def test_fashion_mnist_loads_from_the_data_root(data_root):
+    data = load_data(DataConfig(dataset="fashion-mnist", data_dir=str(data_root),
+                                download=False))
+    assert data.source == str(data_root / "fashion-mnist")
     assert len(data.train) == 55000 and len(data.test) == 10000
     assert data.classes[9] == "Ankle boot"
+
+
+def test_fashion_mnist_loads_from_system_datasets(data_root, tmp_path, monkeypatch):
+    system = _system_datasets_with_fashion(data_root, tmp_path / "datasets")
+    monkeypatch.setattr(data_module, "SYSTEM_DATASETS", system)
+    monkeypatch.delenv("VIT_MQA_DATA", raising=False)
+    data = load_data(DataConfig(dataset="fashion-mnist", download=False))
+    assert data.source == str(system / "fashion-mnist")
+    assert torch.bincount(data.test.labels, minlength=10).tolist() == [1000] * 10
 
 
 def _copy_mnist(src_root: Path, dst: Path, raw: bool = False) -> Path:
@@ -199,9 +219,11 @@ def test_read_image_any_mode_and_size(tmp_path):
     assert read_image(tmp_path / "b.jpg", (32, 32), 3).shape == (3, 32, 32)
 
 
-def test_lookup_passes_over_a_copy_of_another_dataset(data_root, monkeypatch):
+def test_lookup_passes_over_a_copy_of_another_dataset(data_root, tmp_path, monkeypatch):
     """MNIST and Fashion-MNIST share file names: a folder of one is no copy of the other."""
+    system = _system_datasets_with_fashion(data_root, tmp_path / "datasets")
+    monkeypatch.setattr(data_module, "SYSTEM_DATASETS", system)
     monkeypatch.delenv("VIT_MQA_DATA", raising=False)
     arrays, directory = load_idx_dataset(DATASETS["fashion-mnist"], str(data_root / "mnist"),
                                          download=False)
-    assert directory == Path("/usr/share/datasets/fashion-mnist")
+    assert directory == system / "fashion-mnist"

@@ -93,7 +93,7 @@ class GroupedQueryAttention(nn.Module):
         too when ``need_weights`` is set (else None)."""
         drop = self.attn_drop if self.training else 0.0
         # Off CUDA, with few keys, three plain products beat the fused kernel, whose tiling
-        # is built for long sequences (`vit-mqa bench --levers`, README).
+        # is built for long sequences (`vit-mqa bench --levers`; docs/benchmarks.md, "Levers").
         few_keys = q.device.type != "cuda" and k.shape[-2] <= EXPLICIT_MAX_TOKENS
         if not (need_weights or few_keys):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop), None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import VitMqaError
+from .errors import VitMqaError, check_field_types
 
 
 @dataclass
@@ -33,8 +33,10 @@ class AugmentConfig:
     erase_ratio: float = 3.3  # its aspect ratio, log-uniform in [1/ratio, ratio]
 
     def validate(self) -> None:
-        if self.rotate < 0 or self.translate < 0:
-            raise VitMqaError("rotate and translate must be >= 0")
+        check_field_types(self, "augment")
+        if not (0 <= self.rotate <= 360 and 0 <= self.translate <= 1):
+            raise VitMqaError(f"need rotate in [0, 360] degrees and translate in [0, 1], got "
+                              f"{self.rotate}, {self.translate}")
         if not (0 <= self.hflip <= 1 and 0 <= self.erase <= 1):
             raise VitMqaError(f"hflip and erase are probabilities in [0, 1], got "
                               f"{self.hflip}, {self.erase}")
@@ -42,7 +44,7 @@ class AugmentConfig:
             raise VitMqaError(
                 f"need 0 < erase_min_area <= erase_max_area <= 1 and erase_ratio >= 1, got "
                 f"{self.erase_min_area}, {self.erase_max_area}, {self.erase_ratio}")
-        if not 0 < self.scale_min <= self.scale_max:
+        if not 0 < self.scale_min <= self.scale_max <= 100:
             raise VitMqaError(
                 f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}"
             )

@@ -17,15 +17,18 @@ a half-written file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import VitMqaError
@@ -36,6 +39,9 @@ LAST_WEIGHTS_NAME = "last.safetensors"
 STATE_NAME = "training_state.pt"
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
+# What training_state.pt must hold to resume (plus "ema" when the run averages weights).
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "step",
+                       "best_val_accuracy", "best_epoch")
 
 # mkstemp creates files readable by the owner only; give written files the usual mode.
 _UMASK = os.umask(0)
@@ -43,18 +49,101 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    A failed write (a full disk, say) leaves no file behind and is one error that names
+    the file and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise VitMqaError(f"cannot write {path}: {_write_failure(path, e)}") from None
     finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    # torch.save reports a full disk as "unexpected pos ..."; safetensors in its own words.
+    # Ask the file system instead of parsing either.
+    try:
+        full = shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        full = False
+    if full or getattr(error, "errno", None) == errno.ENOSPC:
+        return "no space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+LOCK_NAME = ".lock"
+# Files that a run directory may hold before a run starts in it.
+_IGNORED_NAMES = (LOCK_NAME,)
+
+
+def run_dir_has_files(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name not in _IGNORED_NAMES for p in run_dir.iterdir())
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of writes that a killed process left behind (only ever
+    called by the process that holds the run's lock)."""
+    for tmp in run_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for as long as a process trains into it,
+    so that a second run, or a resume of a run still going, is refused at once.
+
+    The lock is the kernel's (``flock``): it goes with the process, however that ends.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): runs are not protected from each other
+            return self
+        self._created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise VitMqaError(f"{self.run_dir} is in use by another training process "
+                              f"(pid {holder}); wait for it to end, or choose another "
+                              "--out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        # Removed while still held, so the run directory holds only the run's own files; a
+        # run that failed before writing anything leaves no folder behind.
+        (self.run_dir / LOCK_NAME).unlink(missing_ok=True)
+        if self._created and not run_dir_has_files(self.run_dir):
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
+        os.close(self._fd)  # releases the lock
+        self._fd = None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -77,31 +166,68 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
 
-def load_weights(model: torch.nn.Module, path: str | Path,
-                 map_location: str | torch.device = "cpu") -> None:
-    """Load safetensors weights strictly; any mismatch is one clear error."""
+# Weight dtypes a model file may hold; anything else (an int64 head, say) is not weights.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def read_weights_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor in a safetensors file, from its header alone
+    (nothing is allocated for the tensors)."""
     path = Path(path)
     if not path.is_file():
         raise VitMqaError(f"weights file {path} does not exist")
     try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise VitMqaError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+
+
+def describe_mismatch(found: dict[str, tuple[int, ...]],
+                      expected: dict[str, tuple[int, ...]]) -> str:
+    """What differs between two name -> shape maps, briefly; "" when they agree."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != expected[k])
+    parts = []
+    if missing:
+        parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {', '.join(unexpected[:4])}"
+                     f"{' ...' if len(unexpected) > 4 else ''}")
+    for k in wrong[:4]:
+        parts.append(f"{k} has shape {tuple(found[k])}, model wants {tuple(expected[k])}")
+    return "; ".join(parts)
+
+
+def check_weights_file(path: str | Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """The file's tensors have exactly the expected names and shapes, and float dtypes;
+    checked from the header before anything is read or built."""
+    header = read_weights_header(path)
+    mismatch = describe_mismatch({k: shape for k, (shape, _) in header.items()}, expected)
+    if mismatch:
+        raise VitMqaError(f"weights {path} do not match the model config: {mismatch}")
+    not_float = sorted(k for k, (_, dtype) in header.items() if dtype not in _FLOAT_DTYPES)
+    if not_float:
+        k = not_float[0]
+        raise VitMqaError(f"weights {path}: {k} is {header[k][1]}, not a float tensor")
+
+
+def load_weights(model: torch.nn.Module, path: str | Path,
+                 map_location: str | torch.device = "cpu") -> None:
+    """Load safetensors weights strictly; any mismatch, or a NaN or infinite value, is one
+    clear error."""
+    path = Path(path)
+    check_weights_file(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    try:
         state = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise VitMqaError(f"cannot read weights {path}: {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:4])}"
-                         f"{' ...' if len(unexpected) > 4 else ''}")
-        for k in wrong[:4]:
-            parts.append(f"{k} has shape {tuple(state[k].shape)}, "
-                         f"model wants {tuple(expected[k].shape)}")
-        raise VitMqaError(f"weights {path} do not match the model config: {'; '.join(parts)}")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise VitMqaError(f"cannot read weights {path}: {str(e).splitlines()[0]}") from None
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise VitMqaError(f"weights {path} hold NaN or infinite values (in {', '.join(bad[:4])}"
+                          f"{' ...' if len(bad) > 4 else ''}): the run that wrote them diverged")
     model.load_state_dict(state)
 
 
@@ -136,11 +262,20 @@ def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
     from .model import VisionTransformer, ViTConfig
 
     config = read_config(directory)
+    path = Path(directory) / CONFIG_NAME
     try:
-        model = VisionTransformer(ViTConfig.from_dict(config["model"]))
+        model_config = ViTConfig.from_dict(config["model"])
     except TypeError as e:
-        path = Path(directory) / CONFIG_NAME
         raise VitMqaError(f"{path}: malformed model config ({e})") from None
+    except VitMqaError as e:
+        raise VitMqaError(f"{path}: {e}") from None
+    # The config is checked against the weights file's header on a skeleton that holds no
+    # memory, so a config.json that asks for a huge model fails before anything is allocated.
+    with torch.device("meta"):
+        skeleton = VisionTransformer(model_config)
+    check_weights_file(Path(directory) / weights,
+                       {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    model = VisionTransformer(model_config)
     load_weights(model, Path(directory) / weights, map_location)
     return model.to(map_location).eval(), config
 
@@ -154,6 +289,23 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise VitMqaError(f"cannot resume: {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a bad file
         raise VitMqaError(f"cannot resume: {path} is unreadable ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise VitMqaError(f"cannot resume: {path} holds a {type(state).__name__}, "
+                          "not a training state")
+    missing = [k for k in TRAINING_STATE_KEYS if k not in state]
+    if missing:
+        raise VitMqaError(f"cannot resume: {path} has no {', '.join(missing)}")
+    counters = ("epoch", "step", "best_epoch")
+    if not all(type(state[k]) is int and state[k] >= (-1 if k == "best_epoch" else 0)
+               for k in counters):
+        raise VitMqaError(f"cannot resume: {path} has malformed counters "
+                          f"({', '.join(f'{k}={state[k]!r}' for k in counters)})")
+    elapsed = state.get("elapsed_s", 0.0)
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not elapsed >= 0:
+        raise VitMqaError(f"cannot resume: {path} has a malformed elapsed_s ({elapsed!r})")
+    if not all(isinstance(state[k], dict) for k in ("model", "optimizer", "scheduler")):
+        raise VitMqaError(f"cannot resume: {path} has malformed model or optimizer state")
+    return state

@@ -12,7 +12,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    r = sub.add_parser("report", help="figures of a run (curves, confusion matrix, mistakes, "
+                       "attention) and an index.html, in RUN_DIR/report")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--weights", choices=("best", "last"), default="best")
+    r.add_argument("--data-dir", help="where the dataset files are (default: lookup order)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--samples", type=int, default=10, help="test images in the attention "
+                   "figures (default 10)")
+    r.add_argument("--seed", type=int, default=0, help="chooses the sample images")
+
     p = sub.add_parser("predict", help="classify image files or folders of images")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+")
@@ -81,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("best", "last"), default="best")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.add_argument("--raw", action="store_true", help="images already in the dataset's "
+                   "format: only stretch them to the model's size, skip the run's procedure")
+    p.add_argument("--procedure", choices=("stretch", "pad", "center-crop", "mnist",
+                                           "fashion-mnist"),
+                   help="override the run's recorded preprocessing (runs saved before it "
+                   "was recorded use stretch)")
 
     i = sub.add_parser("import", help="a Hugging Face ViT directory or a timm state dict "
                        "-> a vit-mqa model directory (multi-head)")
@@ -128,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--markdown", metavar="FILE", help="write the tables to a file too")
 
+    d = sub.add_parser("demo", help="a local web page: draw or upload a digit, see the "
+                       "prediction and its attention (needs vit-mqa[demo])")
+    d.add_argument("run_dir", metavar="RUN_DIR")
+    d.add_argument("--host", default="127.0.0.1", help="interface to bind (default "
+                   "127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--top-k", type=int, default=5)
+    d.add_argument("--procedure", choices=("stretch", "pad", "center-crop", "mnist",
+                                           "fashion-mnist"),
+                   help="override the run's recorded preprocessing")
+
     sub.add_parser("presets", help="list the named presets")
     return parser
 
@@ -137,6 +167,20 @@ def _fresh_dir(path: str) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VitMqaError(f"{out} already exists; choose a new destination")
     return out
+
+
+def _new_run_dir(stem: str) -> str:
+    """stem, or stem-2, stem-3, ...: the first that did not exist. Made here with an
+    exclusive mkdir, so that two runs started in the same second get different folders."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = stem if n == 1 else f"{stem}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise VitMqaError(f"no free run directory name beside {stem}; pass --out DIR")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -245,28 +289,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out is None:
         # Every torchrun process must pick the same folder: name it after the run id.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
-        out = f"runs/{config['preset']}-{run_id or time.strftime('%Y%m%d-%H%M%S')}"
+        out = (f"runs/{config['preset']}-{run_id}" if run_id
+               else _new_run_dir(f"runs/{config['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"))
     train(config, out, init_from=args.init_from, quiet=args.quiet)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model_dir
-    from .data import DataConfig, Preprocess, load_data
+    from .data import Preprocess
     from .distributed import pick_device
-    from .evaluate import classification_report, evaluate
+    from .evaluate import classification_report, evaluate, load_run
 
     device = pick_device(args.device)
-    model, config = load_model_dir(args.run_dir, _weights_name(args.weights), device)
-    if "data" not in config or "preprocess" not in config:
-        raise VitMqaError(f"{args.run_dir} has no data settings: not a training run directory")
-    data_cfg = DataConfig(**config["data"])
-    if args.data_dir:
-        data_cfg.data_dir = args.data_dir
-    data = load_data(data_cfg)
-    if config.get("classes") and data.classes != config["classes"]:
-        raise VitMqaError(f"the data's classes {data.classes} differ from the run's "
-                          f"{config['classes']}")
+    model, config, data = load_run(args.run_dir, _weights_name(args.weights), device,
+                                   args.data_dir)
     split = data.test if args.split == "test" else data.val
     result = evaluate(model, split, Preprocess.from_dict(config["preprocess"]), device=device)
     report = classification_report(result["predictions"], split.labels, data.classes)
@@ -290,6 +326,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .distributed import pick_device
+    from .report import write_report
+
+    paths = write_report(args.run_dir, _weights_name(args.weights), pick_device(args.device),
+                         args.data_dir, samples=args.samples, seed=args.seed)
+    print(f"wrote {len(paths) - 1} figures and {paths[-1]}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .distributed import pick_device
     from .predict import Predictor
@@ -297,15 +343,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
     predictor = Predictor(args.run_dir, device=pick_device(args.device),
-                          weights=_weights_name(args.weights))
-    results = predictor.predict(args.paths, top_k=args.top_k)
+                          weights=_weights_name(args.weights), procedure=args.procedure)
+    # One unreadable or blank image gets its own error line; the others are still predicted.
+    results = predictor.predict(args.paths, top_k=args.top_k, raw=args.raw, errors="record")
+    good = [r for r in results if "error" not in r]
     if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
+        print(json.dumps(good, indent=2))
+    else:
+        for r in good:
+            tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
+            print(f"{r['path']}: {tops}")
+    sys.stdout.flush()
     for r in results:
-        tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
-        print(f"{r['path']}: {tops}")
-    return 0
+        if "error" in r:
+            print(f"vit-mqa: error: {r['error']}", file=sys.stderr)
+    return 1 if len(good) < len(results) else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -335,6 +387,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import serve
+
+    if args.top_k < 1:
+        raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device, top_k=args.top_k,
+          procedure=args.procedure)
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import DEFAULT_PRESET, PRESETS
 
@@ -348,9 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "import": cmd_import, "convert": cmd_convert, "export": cmd_export,
-                "bench": cmd_bench, "presets": cmd_presets}
+                "bench": cmd_bench, "presets": cmd_presets, "demo": cmd_demo,
+                "report": cmd_report}
+    # SIGTERM (kill, a job scheduler, a container stop) ends a run as Ctrl-C does: temporary
+    # files are removed, the last finished epoch stays resumable, and the exit is one line.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return commands[args.command](args)
+    except Terminated:
+        print("vit-mqa: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except VitMqaError as e:
         print(f"vit-mqa: error: {e}", file=sys.stderr)
         return 1
@@ -360,6 +430,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vit-mqa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":  # pragma: no cover

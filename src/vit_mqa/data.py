@@ -10,11 +10,13 @@ training: batches are slices of one tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import sys
 import tempfile
@@ -28,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .errors import VitMqaError
+from . import preprocess as preprocess_images
+from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
                     ".ppm")
@@ -106,7 +108,22 @@ class DataConfig:
     val_size: int = 5000  # images carved from the training set, with a fixed seed
     split_seed: int = 0  # the validation split does not move with the training seed
     image_size: int | None = None  # resize image-folder data to this; None keeps the native size
+    # How image-folder pictures of another shape reach image_size: "stretch", "pad" (fit
+    # inside, black borders) or "center-crop" (fill, crop the overflow). Also applied at
+    # prediction.
+    resize: str = "stretch"
     download: bool = True  # fetch a missing MNIST / Fashion-MNIST into the cache
+
+    def validate(self) -> None:
+        check_field_types(self, "data")
+        if self.val_size < 1 or self.split_seed < 0:
+            raise VitMqaError(f"need val_size >= 1 and split_seed >= 0, got {self.val_size}, "
+                              f"{self.split_seed}")
+        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIDE:
+            raise VitMqaError(f"image_size must be 1 to {MAX_IMAGE_SIDE}, got {self.image_size}")
+        if self.resize not in preprocess_images.RESIZES:
+            raise VitMqaError(f"unknown resize {self.resize!r}: use one of "
+                              f"{', '.join(preprocess_images.RESIZES)}")
 
 
 @dataclass
@@ -119,6 +136,9 @@ class Preprocess:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: str = "stretch"  # images of another size are resized to image_size (bilinear)
+    # What prediction does to people's images first (see preprocess.PROCEDURES): "mnist" or
+    # "fashion-mnist" for those datasets, else the resize. Configs without it: "stretch".
+    procedure: str = "stretch"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -128,8 +148,34 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        return cls(tuple(d["image_size"]), int(d["in_channels"]), tuple(d["mean"]),
-                   tuple(d["std"]), d.get("resize", "stretch"))
+        """From config.json's "preprocess", every field checked (it may come from a file
+        someone downloaded)."""
+        if not isinstance(d, dict):
+            raise VitMqaError(f"\"preprocess\" must be an object, got {type(d).__name__}")
+        missing = [k for k in ("image_size", "in_channels", "mean", "std") if k not in d]
+        if missing:
+            raise VitMqaError(f"\"preprocess\" has no {', '.join(missing)}")
+        size, channels = d["image_size"], d["in_channels"]
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                _is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in size)):
+            raise VitMqaError(f"preprocess.image_size must be [height, width], each 1 to "
+                              f"{MAX_IMAGE_SIDE}, got {size!r}")
+        if not (_is_int(channels) and channels in (1, 3)):
+            raise VitMqaError(f"preprocess.in_channels must be 1 or 3, got {channels!r}")
+        for key in ("mean", "std"):
+            values = d[key]
+            if not (isinstance(values, list) and len(values) == channels and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values)):
+                raise VitMqaError(f"preprocess.{key} must be {channels} finite number(s), "
+                                  f"got {values!r}")
+        if not all(v > 0 for v in d["std"]):
+            raise VitMqaError(f"preprocess.std must be > 0, got {d['std']!r}")
+        resize, procedure = d.get("resize", "stretch"), d.get("procedure", "stretch")
+        if not (isinstance(resize, str) and isinstance(procedure, str)):
+            raise VitMqaError("preprocess.resize and preprocess.procedure must be names")
+        return cls((size[0], size[1]), channels, tuple(float(v) for v in d["mean"]),
+                   tuple(float(v) for v in d["std"]), resize, procedure)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] (B, C, H, W) -> normalised model input."""
@@ -139,6 +185,57 @@ class Preprocess:
 
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.normalize(images_uint8.float().div_(255.0))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def run_preprocess(config: dict[str, Any], image_size: tuple[int, int], in_channels: int,
+                   where: str | Path) -> Preprocess:
+    """A run's recorded preprocessing, checked against the model it goes with; a bare
+    model directory without one gets plain [-1, 1] scaling."""
+    if "preprocess" not in config:
+        return Preprocess(tuple(image_size), in_channels, (0.5,) * in_channels,
+                          (0.5,) * in_channels)
+    try:
+        pre = Preprocess.from_dict(config["preprocess"])
+    except VitMqaError as e:
+        raise VitMqaError(f"{where}: {e}") from None
+    if tuple(pre.image_size) != tuple(image_size) or pre.in_channels != in_channels:
+        raise VitMqaError(f"{where}: preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
+                          f"{pre.image_size[1]} images, the model takes {in_channels}x"
+                          f"{image_size[0]}x{image_size[1]}")
+    return pre
+
+
+def run_classes(config: dict[str, Any], num_classes: int, where: str | Path) -> list[str]:
+    """A run's class names (default "0", "1", ...), one per model output."""
+    classes = config.get("classes")
+    if classes is None or classes == []:
+        return [str(i) for i in range(num_classes)]
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise VitMqaError(f"{where}: \"classes\" must be a list of names")
+    if len(classes) != num_classes:
+        raise VitMqaError(f"{where}: config lists {len(classes)} classes but the model has "
+                          f"{num_classes} outputs")
+    return classes
+
+
+def data_config_from_dict(d: Any, where: str | Path) -> DataConfig:
+    """A run's "data" section, checked."""
+    if not isinstance(d, dict):
+        raise VitMqaError(f"{where}: \"data\" must be an object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise VitMqaError(f"{where}: unknown data setting(s) {', '.join(map(str, unknown))}")
+    config = DataConfig(**d)
+    try:
+        config.validate()
+    except VitMqaError as e:
+        raise VitMqaError(f"{where}: {e}") from None
+    return config
 
 
 @functools.lru_cache(maxsize=32)
@@ -211,9 +308,13 @@ def cache_dir() -> Path:
     return Path(base) / "vit-mqa"
 
 
+# Where Debian's dataset packages (e.g. dataset-fashion-mnist) install; last in the lookup.
+SYSTEM_DATASETS = Path("/usr/share/datasets")
+
+
 def data_roots(data_dir: str | None) -> list[Path]:
     """The lookup order: --data-dir, $VIT_MQA_DATA, the per-user cache, /usr/share/datasets."""
-    roots = [data_dir, os.environ.get("VIT_MQA_DATA"), str(cache_dir()), "/usr/share/datasets"]
+    roots = [data_dir, os.environ.get("VIT_MQA_DATA"), str(cache_dir()), str(SYSTEM_DATASETS)]
     return [Path(r).expanduser() for r in roots if r]
 
 
@@ -243,8 +344,19 @@ def _mirrors(spec: IdxDatasetSpec) -> list[str]:
 def download_idx_dataset(spec: IdxDatasetSpec, mirrors: Sequence[str] | None = None) -> Path:
     """Fetch the four files into the cache, verifying each before it is moved into place."""
     target = cache_dir() / spec.directory
+    made = [d for d in (target.parent, target) if not d.exists()]
     target.mkdir(parents=True, exist_ok=True)
-    mirrors = list(mirrors) if mirrors is not None else _mirrors(spec)
+    try:
+        _download_missing(spec, target, list(mirrors) if mirrors is not None else _mirrors(spec))
+    except BaseException:
+        for d in reversed(made):  # a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    return target
+
+
+def _download_missing(spec: IdxDatasetSpec, target: Path, mirrors: list[str]) -> None:
     for split, stem in spec.files.items():
         if _find_file(target, stem):
             continue
@@ -263,7 +375,6 @@ def download_idx_dataset(spec: IdxDatasetSpec, mirrors: Sequence[str] | None = N
                 f"({'; '.join(errors)}). Put the four IDX files ({names}) "
                 f"in {target} or pass --data-dir DIR (or set VIT_MQA_DATA)"
             )
-    return target
 
 
 def _download_verified(url: str, dest: Path, sha256: str) -> None:
@@ -312,6 +423,15 @@ def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
             failures.append(e)
     if failures:
         raise failures[0]
+    if data_dir is not None:
+        # A --data-dir that holds some of the files is a copy with a file missing: say so,
+        # rather than fall through to a download.
+        for directory in (Path(data_dir).expanduser() / spec.directory, Path(data_dir)):
+            present = [s for s in spec.files.values() if _find_file(directory, s)]
+            if present:
+                absent = [s for s in spec.files.values() if s not in present]
+                raise VitMqaError(f"{directory} holds {len(present)} of the 4 {spec.name} "
+                                  f"files; missing: {', '.join(absent)} (.gz or raw)")
     if not download:
         places = ", ".join(str(r / spec.directory) for r in data_roots(data_dir))
         raise VitMqaError(f"{spec.name} not found in {places}; pass --data-dir DIR "
@@ -337,28 +457,10 @@ def _read_verified(spec: IdxDatasetSpec, directory: Path) -> dict[str, np.ndarra
 # ---------------------------------------------------------------- image folders
 
 
-def read_image(path: str | Path, image_size: tuple[int, int], in_channels: int) -> torch.Tensor:
-    """Any image file Pillow reads -> uint8 (C, H, W), resized (stretched) to image_size."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite transparency onto black, the background of MNIST-style data.
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-                img = Image.alpha_composite(background, img)
-            img = img.convert("L" if in_channels == 1 else "RGB")
-            h, w = image_size
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise VitMqaError(f"cannot read image {path}: {e}") from None
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if in_channels not in (1, 3):
-        raise VitMqaError(f"image files give 1 or 3 channels, the model wants {in_channels}")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+def read_image(path: str | Path, image_size: tuple[int, int], in_channels: int,
+               resize: str = "stretch") -> torch.Tensor:
+    """Any image file Pillow reads -> uint8 (C, H, W) at image_size (see preprocess)."""
+    return preprocess_images.read_image(path, image_size, in_channels, resize)
 
 
 def list_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -367,7 +469,7 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS))
-        elif p.is_file():
+        elif p.exists():  # FIFOs and devices too: reading them reports "not a regular file"
             found.append(p)
         else:
             raise VitMqaError(f"no such file or folder: {p}")
@@ -379,7 +481,8 @@ def _class_folders(root: Path) -> list[Path]:
 
 
 def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[int, int] | None,
-                      in_channels: int | None) -> tuple[Split, list[str], tuple[int, int], int]:
+                      in_channels: int | None, resize: str = "stretch"
+                      ) -> tuple[Split, list[str], tuple[int, int], int]:
     """Decode every image under root/<class>/ into one uint8 tensor."""
     if not root.is_dir():
         raise VitMqaError(f"image folder {root} does not exist")
@@ -394,19 +497,21 @@ def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[i
     files = [(f, i) for i, c in enumerate(classes) for f in list_images([root / c])]
     if not files:
         raise VitMqaError(f"no images found under {root}")
+    empty = [c for i, c in enumerate(classes) if not any(label == i for _, label in files)]
+    if empty:
+        # A class with no examples would be a class the model can never learn or be tested on.
+        raise VitMqaError(f"class folder {root / empty[0]} holds no images; add some, or "
+                          "remove the folder")
     if image_size is None or in_channels is None:
-        try:
-            with Image.open(files[0][0]) as first:
-                size = (first.height, first.width)
-                gray = first.mode in ("1", "L", "LA", "I", "I;16", "F")
-        except (OSError, UnidentifiedImageError) as e:
-            raise VitMqaError(f"cannot read image {files[0][0]}: {e}") from None
+        first = preprocess_images.open_image(files[0][0])
+        size = (first.height, first.width)
+        gray = first.mode in ("1", "L", "LA", "I", "F") or first.mode.startswith("I;16")
         image_size = image_size or size
         in_channels = in_channels or (1 if gray else 3)
     images = torch.empty(len(files), in_channels, *image_size, dtype=torch.uint8)
     for n, (f, _) in enumerate(tqdm(files, desc=f"decoding {root.name}", disable=None,
                                     leave=False, file=sys.stderr)):
-        images[n] = read_image(f, image_size, in_channels)
+        images[n] = read_image(f, image_size, in_channels, resize)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return Split(images, labels), classes, image_size, in_channels
 
@@ -426,6 +531,7 @@ def _holdout(split: Split, size: int, seed: int, what: str) -> tuple[Split, Spli
 
 def load_data(config: DataConfig) -> Data:
     """Load train / validation / test splits as uint8 tensors, per the config."""
+    config.validate()
     spec = DATASETS.get(config.dataset)
     if spec is not None:
         arrays, directory = load_idx_dataset(spec, config.data_dir, config.download)
@@ -442,17 +548,19 @@ def load_data(config: DataConfig) -> Data:
         classes = list(spec.classes)
         mean, std = (spec.mean,), (spec.std,)
         source = str(directory)
+        resize, procedure = "stretch", spec.name  # the dataset's own normalisation
     else:
         root = Path(config.dataset).expanduser()
         if not root.is_dir():
             raise VitMqaError(f"unknown dataset {config.dataset!r}: not one of "
                               f"{', '.join(DATASETS)} and not an image folder")
+        resize = procedure = config.resize
         size = (config.image_size, config.image_size) if config.image_size else None
         train_root = root / "train" if (root / "train").is_dir() else root
-        train, classes, size, channels = load_image_folder(train_root, None, size, None)
+        train, classes, size, channels = load_image_folder(train_root, None, size, None, resize)
         test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
         if test_root is not None and train_root != root:
-            test = load_image_folder(test_root, classes, size, channels)[0]
+            test = load_image_folder(test_root, classes, size, channels, resize)[0]
         else:
             # No test folder: hold out a fixed test split the same size as validation.
             train, test = _holdout(train, config.val_size, config.split_seed + 1, "a test split")
@@ -462,6 +570,6 @@ def load_data(config: DataConfig) -> Data:
         source = str(root)
     train, val = _holdout(train, config.val_size, config.split_seed, "a validation split")
     in_channels, h, w = train.images.shape[1:]
-    preprocess = Preprocess((int(h), int(w)), int(in_channels), mean, std)
+    preprocess = Preprocess((int(h), int(w)), int(in_channels), mean, std, resize, procedure)
     return Data(train, val, test, classes, preprocess, source)
 

@@ -45,8 +45,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise VitMqaError(f"unknown device {name!r}") from None
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise VitMqaError(f"unknown device {name!r}: choose auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise VitMqaError(f"device {name!r} asked for, but MPS is not available")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise VitMqaError(f"device {name!r} asked for, but CUDA is not available")

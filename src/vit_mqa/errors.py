@@ -1,6 +1,11 @@
-"""The one exception type that user-facing code raises for bad input."""
+"""The one exception type that user-facing code raises for bad input, and the checks
+shared by every config."""
 
 from __future__ import annotations
+
+# The largest image side any config or image may ask for: a run directory or an image is
+# something people download, and must not make the loader allocate without limit.
+MAX_IMAGE_SIDE = 4096
 
 
 class VitMqaError(ValueError):
@@ -9,3 +14,36 @@ class VitMqaError(ValueError):
     The CLI prints its message as a single line and exits non-zero; library users
     can catch it as a ``ValueError``.
     """
+
+
+def check_field_types(config: object, section: str) -> None:
+    """Every field of a config dataclass holds a value of its declared type, and every
+    number is finite: NaN passes every ``<`` / ``>`` range check, so it is refused here.
+
+    Ints are accepted for float fields; bools are never numbers. ``section`` names the
+    config in the message (e.g. "model").
+    """
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        declared = str(f.type)
+        if value is None and "None" in declared:
+            continue
+        kinds = [part.strip() for part in declared.split("|") if part.strip() != "None"]
+        base = kinds[0] if len(kinds) == 1 else declared
+        if base == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise VitMqaError(f"{section}.{f.name} must be a finite number, got {value}")
+        elif base == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif base == "bool":
+            ok = isinstance(value, bool)
+        elif base == "str":
+            ok = isinstance(value, str)
+        else:  # e.g. image_size: int or (h, w), checked by the config itself
+            continue
+        if not ok:
+            raise VitMqaError(f"{section}.{f.name} must be {declared}, got {value!r}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .data import Preprocess, Split
+from .data import Data, Preprocess, Split
+from .errors import VitMqaError
 
 
 @torch.inference_mode()
@@ -35,7 +37,33 @@ def evaluate(model: torch.nn.Module, split: Split, preprocess: Preprocess,
         "loss": F.cross_entropy(logits, split.labels).item(),
         "accuracy": (predictions == split.labels).float().mean().item(),
         "predictions": predictions,
+        "logits": logits,
     }
+
+
+def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cpu",
+             data_dir: str | None = None) -> tuple[torch.nn.Module, dict[str, Any], Data]:
+    """A training run's model (``weights``: a file name in the run) on ``device``, its
+    config and its data, checked to have the run's classes. ``data_dir`` overrides where
+    the run found its data."""
+    from .checkpoint import load_model_dir
+    from .data import data_config_from_dict, load_data, run_classes, run_preprocess
+
+    model, config = load_model_dir(run_dir, weights, device)
+    if "data" not in config or "preprocess" not in config:
+        raise VitMqaError(f"{run_dir} has no data settings: not a training run directory")
+    where = Path(run_dir) / "config.json"
+    mc = model.config
+    run_preprocess(config, mc.image_size, mc.in_channels, where)
+    classes = run_classes(config, mc.num_classes, where)
+    data_cfg = data_config_from_dict(config["data"], where)
+    if data_dir:
+        data_cfg.data_dir = data_dir
+    data = load_data(data_cfg)
+    if config.get("classes") and data.classes != classes:
+        raise VitMqaError(f"the data's classes {data.classes} differ from the run's "
+                          f"{classes}")
+    return model, config, data
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor,

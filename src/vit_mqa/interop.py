@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import describe_mismatch
 from .errors import VitMqaError
 from .model import VisionTransformer, ViTConfig
 
@@ -78,23 +79,56 @@ def _hf_mlp_ratio(hidden: int, intermediate: int) -> float:
     return ratio
 
 
+def _hf_number(hf: dict[str, Any], key: str, default: float, integer: bool = True) -> Any:
+    """A positive number from a Hugging Face config, or a one-line error naming the key."""
+    value = hf.get(key, default)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value > 0)
+    if ok and integer:
+        ok = float(value).is_integer() and value <= 2**31
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise VitMqaError(f"config.json: {key} must be {kind}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _hf_classes(hf: dict[str, Any]) -> list[str]:
+    """Class names from id2label, whose keys must be the indices 0 .. n-1."""
+    id2label = hf.get("id2label") or {}
+    if not isinstance(id2label, dict):
+        raise VitMqaError("config.json: id2label must be an object of index -> label")
+    try:
+        indices = sorted(int(k) for k in id2label)
+    except ValueError:
+        raise VitMqaError("config.json: id2label keys must be class indices "
+                          f"(0, 1, ...), got {sorted(id2label)[:3]}") from None
+    if indices != list(range(len(indices))):
+        raise VitMqaError("config.json: id2label keys must be the indices 0 .. n-1")
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
 def config_from_hf(hf: dict[str, Any]) -> ViTConfig:
     """ViTConfig equivalent to a transformers ``ViTConfig`` (as a dict from config.json)."""
+    if not isinstance(hf, dict):
+        raise VitMqaError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "vit") != "vit":
         raise VitMqaError(f"model_type {hf.get('model_type')!r} is not a plain ViT")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise VitMqaError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
-    num_classes = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
-    heads = int(hf.get("num_attention_heads", 12))
+    num_classes = len(_hf_classes(hf)) or _hf_number(hf, "num_labels", 2)
+    heads = _hf_number(hf, "num_attention_heads", 12)
+    hidden = _hf_number(hf, "hidden_size", 768)
+    qkv_bias = hf.get("qkv_bias", True)
+    if not isinstance(qkv_bias, bool):
+        raise VitMqaError(f"config.json: qkv_bias must be true or false, got {qkv_bias!r}")
     return ViTConfig(
-        image_size=int(hf.get("image_size", 224)), patch_size=int(hf.get("patch_size", 16)),
-        in_channels=int(hf.get("num_channels", 3)), num_classes=num_classes,
-        dim=int(hf.get("hidden_size", 768)), depth=int(hf.get("num_hidden_layers", 12)),
+        image_size=_hf_number(hf, "image_size", 224), patch_size=_hf_number(hf, "patch_size", 16),
+        in_channels=_hf_number(hf, "num_channels", 3), num_classes=num_classes,
+        dim=hidden, depth=_hf_number(hf, "num_hidden_layers", 12),
         num_heads=heads, num_kv_heads=heads,
-        mlp_ratio=_hf_mlp_ratio(int(hf.get("hidden_size", 768)),
-                                int(hf.get("intermediate_size", 3072))),
-        qkv_bias=bool(hf.get("qkv_bias", True)), pooling="cls", pos_embed="learned",
-        norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        mlp_ratio=_hf_mlp_ratio(hidden, _hf_number(hf, "intermediate_size", 3072)),
+        qkv_bias=qkv_bias, pooling="cls", pos_embed="learned",
+        norm_eps=_hf_number(hf, "layer_norm_eps", 1e-12, integer=False),
     )
 
 
@@ -148,9 +182,19 @@ def config_from_timm(state: dict[str, torch.Tensor], num_heads: int | None = Non
         raise VitMqaError(f"timm checkpoint uses features vit-mqa does not have: {bad}")
     if "blocks.0.attn.qkv.weight" not in state:
         raise VitMqaError("not a timm VisionTransformer state dict (no blocks.0.attn.qkv.weight)")
+    needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight", "head.weight")
+    absent = [k for k in needed if k not in state]
+    if absent:
+        raise VitMqaError(f"incomplete timm state dict: no {', '.join(absent)}")
+    if state["patch_embed.proj.weight"].ndim != 4 or state["pos_embed"].ndim != 3:
+        raise VitMqaError("timm state dict: patch_embed.proj.weight or pos_embed has the "
+                          "wrong number of dimensions")
     dim = state["patch_embed.proj.weight"].shape[0]
     in_channels, patch = state["patch_embed.proj.weight"].shape[1:3]
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    try:
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    except ValueError:
+        raise VitMqaError("timm state dict: block names are not blocks.N.*") from None
     has_cls = "cls_token" in state
     tokens = state["pos_embed"].shape[1] - (1 if has_cls else 0)
     side = math.isqrt(tokens)
@@ -191,8 +235,9 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise VitMqaError(f"{path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise VitMqaError(f"{path} does not hold a state dict of named tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -210,8 +255,10 @@ def load_external(source: str | Path, num_heads: int | None = None
             raise VitMqaError(f"{source} has no config.json: not a Hugging Face model directory")
         try:
             hf = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise VitMqaError(f"cannot parse {cfg_path}: {e}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise VitMqaError(f"cannot parse {cfg_path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(hf, dict):
+            raise VitMqaError(f"{cfg_path} must hold a JSON object, got {type(hf).__name__}")
         if "model" in hf and "vit_mqa_version" in hf:
             raise VitMqaError(f"{source} is already a vit-mqa directory")
         weights = next((source / n for n in ("model.safetensors", "pytorch_model.bin")
@@ -219,10 +266,14 @@ def load_external(source: str | Path, num_heads: int | None = None
         if weights is None:
             raise VitMqaError(f"{source} has neither model.safetensors nor pytorch_model.bin")
         config = config_from_hf(hf)
-        state = state_dict_from_hf(_read_state_file(weights), config)
-        id2label = hf.get("id2label") or {}
-        if id2label:
-            extras["classes"] = [id2label[k] for k in sorted(id2label, key=int)]
+        try:
+            state = state_dict_from_hf(_read_state_file(weights), config)
+        except KeyError as e:
+            raise VitMqaError(f"{weights} has no tensor {e.args[0]!r}: do config.json's "
+                              "num_hidden_layers and qkv_bias match the weights?") from None
+        classes = _hf_classes(hf)
+        if classes:
+            extras["classes"] = classes
     elif source.is_file():
         raw = _read_state_file(source)
         if any(k.startswith(("vit.", "embeddings.")) for k in raw):
@@ -232,11 +283,19 @@ def load_external(source: str | Path, num_heads: int | None = None
         state = state_dict_from_timm(raw)
     else:
         raise VitMqaError(f"no such file or directory: {source}")
+    # Shapes are checked on a skeleton that holds no memory, before the model is built.
+    with torch.device("meta"):
+        skeleton = VisionTransformer(config)
+    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in state.items()},
+                                 {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    if mismatch:
+        raise VitMqaError(f"{source}: weights do not fit the config: {mismatch}")
+    not_float = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if not_float:
+        raise VitMqaError(f"{source}: {not_float[0]} is {state[not_float[0]].dtype}, "
+                          "not a float tensor")
     model = VisionTransformer(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise VitMqaError(f"{source}: weights do not map onto a vit-mqa model "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state)
     return model.eval(), extras
 
 

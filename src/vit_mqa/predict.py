@@ -1,4 +1,10 @@
-"""Prediction on image files, with the preprocessing saved in the run's config."""
+"""Prediction on people's images, with the preprocessing saved in the run's config.
+
+The run's ``preprocess.procedure`` says how an arbitrary picture is made to look like
+the training data: "mnist" and "fashion-mnist" redo those datasets' normalisation
+(polarity, background, crop, scale, centring), image-folder runs fit the picture as
+they did in training ("stretch", "pad", "center-crop"). See :mod:`vit_mqa.preprocess`.
+"""
 
 from __future__ import annotations
 
@@ -6,66 +12,145 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import WEIGHTS_NAME, load_model_dir
-from .data import Preprocess, list_images, read_image
+from .data import list_images, run_classes, run_preprocess
 from .errors import VitMqaError
+from .preprocess import PROCEDURES, ImageInput, prepare
+
+_SINGLE = (str, Path, Image.Image, np.ndarray, torch.Tensor)
 
 
 class Predictor:
-    """Top-k classification of image files (any size or mode Pillow reads).
+    """Top-k classification of images of any size, mode and kind.
 
     >>> predictor = Predictor("runs/mnist-fast")            # doctest: +SKIP
     >>> predictor.predict(["digit.png"], top_k=3)           # doctest: +SKIP
     [{'path': 'digit.png', 'top': [{'class': '7', 'index': 7, 'probability': 0.98}, ...]}]
+    >>> predictor.prepare(pil_image).shape                  # doctest: +SKIP
+    torch.Size([1, 28, 28])
+
+    ``procedure`` overrides the run's recorded one (runs saved before it was recorded
+    use "stretch"; pass "mnist" to give such an MNIST run the MNIST procedure).
     """
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu",
-                 weights: str = WEIGHTS_NAME, batch_size: int = 256) -> None:
+                 weights: str = WEIGHTS_NAME, batch_size: int = 256,
+                 procedure: str | None = None) -> None:
         self.device = torch.device(device)
         self.model, config = load_model_dir(run_dir, weights, self.device)
         mc = self.model.config
-        if "preprocess" in config:
-            try:
-                self.preprocess = Preprocess.from_dict(config["preprocess"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise VitMqaError(f"{run_dir}: malformed \"preprocess\" in config.json "
-                                  f"({e!r})") from None
-        else:  # a bare save_pretrained directory: plain [-1, 1] scaling
-            self.preprocess = Preprocess(mc.image_size, mc.in_channels,
-                                         (0.5,) * mc.in_channels, (0.5,) * mc.in_channels)
-        self.classes: list[str] = config.get("classes") or [str(i) for i in range(mc.num_classes)]
-        if len(self.classes) != mc.num_classes:
-            raise VitMqaError(f"{run_dir}: config lists {len(self.classes)} classes "
-                              f"but the model has {mc.num_classes} outputs")
+        where = Path(run_dir) / "config.json"
+        self.preprocess = run_preprocess(config, mc.image_size, mc.in_channels, where)
+        if procedure is not None:
+            self.preprocess.procedure = procedure
+        if self.preprocess.procedure not in PROCEDURES:
+            raise VitMqaError(f"unknown preprocessing procedure "
+                              f"{self.preprocess.procedure!r}: use one of "
+                              f"{', '.join(PROCEDURES)}")
+        self.classes: list[str] = run_classes(config, mc.num_classes, where)
         self.batch_size = batch_size
 
-    def load(self, paths: Sequence[str | Path]) -> tuple[list[Path], torch.Tensor]:
+    @property
+    def procedure(self) -> str:
+        return self.preprocess.procedure
+
+    def prepare(self, image: ImageInput, raw: bool = False) -> torch.Tensor:
+        """One image (path, PIL image, numpy (H, W[, C]) or tensor ([C,] H, W)) -> uint8
+        (C, H, W) at the model's size after the run's procedure.
+
+        raw=True only stretches to the size (for inputs already in the dataset's format).
+        Raises VitMqaError for an unreadable file or, with the MNIST-family procedures,
+        "no ink found in ...: the image is blank".
+        """
+        p = self.preprocess
+        return prepare(image, tuple(p.image_size), p.in_channels, p.procedure, raw)
+
+    def load(self, paths: Sequence[str | Path], raw: bool = False
+             ) -> tuple[list[Path], torch.Tensor]:
         """Image files (folders searched recursively) -> uint8 batch (N, C, H, W)."""
         files = list_images(paths)
         if not files:
             raise VitMqaError("no image files found in " + ", ".join(map(str, paths)))
-        p = self.preprocess
-        return files, torch.stack([read_image(f, p.image_size, p.in_channels) for f in files])
+        return files, torch.stack([self.prepare(f, raw) for f in files])
 
     @torch.inference_mode()
     def probabilities(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W) at the model's size -> class probabilities (N, classes)."""
+        self.model.eval()
         out = []
         for start in range(0, images_uint8.shape[0], self.batch_size):
             batch = self.preprocess(images_uint8[start:start + self.batch_size].to(self.device))
             out.append(self.model(batch).float().softmax(dim=-1).cpu())
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
-    def predict(self, paths: Sequence[str | Path], top_k: int = 5) -> list[dict[str, Any]]:
-        files, images = self.load(paths)
-        probs = self.probabilities(images)
-        k = max(1, min(top_k, len(self.classes)))
-        values, indices = probs.topk(k, dim=-1)
-        return [
-            {"path": str(f),
-             "top": [{"class": self.classes[i], "index": int(i), "probability": float(v)}
-                     for v, i in zip(vs.tolist(), ix.tolist())]}
-            for f, vs, ix in zip(files, values, indices)
-        ]
+    def evaluate_folder(self, root: str | Path, raw: bool = False) -> dict[str, Any]:
+        """Accuracy on a folder of images laid out root/<class name>/..., after the run's
+        procedure (or raw). Unreadable or blank images count as wrong and are listed."""
+        root = Path(root)
+        if not root.is_dir():
+            raise VitMqaError(f"image folder {root} does not exist")
+        unknown = sorted(d.name for d in root.iterdir()
+                         if d.is_dir() and d.name not in self.classes)
+        if unknown:
+            raise VitMqaError(f"{root}: folders {unknown} are not classes of the run "
+                              f"({', '.join(self.classes)})")
+        correct, total, failed = 0, 0, []
+        for index, name in enumerate(self.classes):
+            if not (root / name).is_dir() or not list_images([root / name]):
+                continue
+            results = self.predict([root / name], top_k=1, raw=raw, errors="record")
+            total += len(results)
+            failed += [r["error"] for r in results if "error" in r]
+            correct += sum(r["top"][0]["index"] == index for r in results if "top" in r)
+        if total == 0:
+            raise VitMqaError(f"no images found under {root}/<class>/")
+        return {"accuracy": correct / total, "correct": correct, "num_images": total,
+                "failed": failed}
+
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5,
+                raw: bool = False, errors: str = "raise") -> list[dict[str, Any]]:
+        """Top-k classes of each input, best first.
+
+        inputs: one image or a list of them; paths may be folders (searched recursively).
+        Each result is {"path": ..., "top": [{"class", "index", "probability"}, ...]}
+        for files, {"input": position, "top": ...} for in-memory images. errors="record"
+        turns an unreadable or blank image into {"path"/"input": ..., "error": message}
+        instead of raising, so that the other images are still predicted.
+        """
+        if errors not in ("raise", "record"):
+            raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
+        items = [inputs] if isinstance(inputs, _SINGLE) else list(inputs)
+        keyed: list[tuple[dict[str, Any], ImageInput]] = []
+        for n, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                found = list_images([item])
+                if not found and Path(item).is_dir():
+                    raise VitMqaError(f"no image files found in {item}")
+                keyed.extend(({"path": str(f)}, f) for f in found)
+            else:
+                keyed.append(({"input": n}, item))
+        if not keyed:
+            raise VitMqaError("no images given")
+        results: list[dict[str, Any]] = []
+        tensors: list[torch.Tensor] = []
+        for key, item in keyed:
+            try:
+                tensors.append(self.prepare(item, raw))
+                results.append(dict(key))
+            except VitMqaError as e:
+                if errors == "raise":
+                    raise
+                results.append({**key, "error": str(e)})
+        ok = [r for r in results if "error" not in r]
+        if tensors:
+            probs = self.probabilities(torch.stack(tensors))
+            k = max(1, min(top_k, len(self.classes)))
+            values, indices = probs.topk(k, dim=-1)
+            for r, vs, ix in zip(ok, values.tolist(), indices.tolist()):
+                r["top"] = [{"class": self.classes[i], "index": int(i), "probability": float(v)}
+                            for v, i in zip(vs, ix)]
+        return results

@@ -8,6 +8,7 @@ run directory described in ``checkpoint.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -33,21 +34,26 @@ from .checkpoint import (
     RESULTS_NAME,
     STATE_NAME,
     WEIGHTS_NAME,
+    RunLock,
     append_jsonl,
     atomic_write_text,
+    describe_mismatch,
     load_training_state,
     load_weights,
     read_config,
+    remove_stale_temporaries,
+    run_dir_has_files,
     save_training_state,
     save_weights,
     write_json,
 )
 from .data import DATASETS, Data, DataConfig, Preprocess, Split, load_data, locate_idx_dataset
 from .distributed import DistContext, all_reduce_sum
-from .errors import VitMqaError
+from .errors import VitMqaError, check_field_types
 from .evaluate import confusion_matrix, predict_logits, report_from_confusion
 from .model import VisionTransformer, ViTConfig, count_parameters
 from .presets import DEFAULT_PRESET, PRESETS
+from .tensorboard_log import TensorBoardLogger
 
 
 @dataclass
@@ -73,14 +79,25 @@ class TrainConfig:
     # about the last 500 steps). When on, validation, model selection, the saved weights and
     # the test score use the average.
     ema_decay: float = 0.0
+    tensorboard: bool = False  # also log scalars to RUN/tensorboard/ (needs tensorboard)
 
     def validate(self) -> None:
+        check_field_types(self, "train")
         positive = ("epochs", "batch_size", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise VitMqaError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise VitMqaError(f"need 0 <= min_lr <= lr and lr > 0, got {self.min_lr}, {self.lr}")
+        if self.lr > 10:
+            raise VitMqaError(f"lr {self.lr} is far outside any useful range (at most 10)")
+        if not 0 <= self.beta2 < 1:
+            raise VitMqaError(f"beta2 must be in [0, 1), got {self.beta2}")
+        if not 0 <= self.seed < 2**63:
+            raise VitMqaError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.epochs > 100_000 or self.warmup_epochs > 100_000:
+            raise VitMqaError(f"epochs and warmup_epochs must be <= 100000, got "
+                              f"{self.epochs}, {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise VitMqaError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -100,7 +117,8 @@ SECTIONS: dict[str, type] = {
 # Settings a resumed run may change: where data lives, where and how fast it runs,
 # how long.
 RESUME_OVERRIDABLE = (("train", "epochs"), ("train", "max_steps"), ("train", "device"),
-                      ("train", "eval_batch_size"), ("train", "compile"), ("data", "data_dir"))
+                      ("train", "eval_batch_size"), ("train", "compile"), ("data", "data_dir"),
+                      ("train", "tensorboard"))
 # Taken from the data, never from a flag.
 DERIVED_MODEL_FIELDS = ("image_size", "in_channels", "num_classes")
 
@@ -170,8 +188,9 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
         path = Path(config_file)
         try:
             layer = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise VitMqaError(f"cannot read config file {path}: {e}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise VitMqaError(f"cannot read config file {path}: "
+                              f"{str(e).splitlines()[0]}") from None
         if not isinstance(layer, dict):
             raise VitMqaError(f"config file {path} must hold a JSON object")
         _merge(config, layer, str(path))
@@ -306,19 +325,25 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
         raise VitMqaError(f"run directory {run_dir} is a file")
     if resume:
         config = _resume_config(run_dir, config)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise VitMqaError(f"run directory {run_dir} already exists and is not empty; "
-                          "choose another --out or pass --resume")
     data_cfg = DataConfig(**config["data"])
     aug_cfg = AugmentConfig(**config["augment"])
     train_cfg = TrainConfig(**config["train"])
+    data_cfg.validate()
     aug_cfg.validate()
     train_cfg.validate()
     ctx, device = distributed.init(train_cfg.device)
-    # On an error this process exits without waiting for its peers (a barrier here could
-    # pair with a collective they are in); torchrun then stops the others.
-    results = _train(config, run_dir, resume, init_from, data, quiet, data_cfg, aug_cfg,
-                     train_cfg, ctx, device, on_epoch_end)
+    # The writing process holds the run directory's lock for the whole run; the emptiness
+    # check comes after it, so two runs started together cannot both pass it.
+    with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
+        if not resume and run_dir_has_files(run_dir):
+            raise VitMqaError(f"run directory {run_dir} already exists and is not empty; "
+                              "choose another --out or pass --resume")
+        if resume and ctx.is_main:
+            remove_stale_temporaries(run_dir)
+        # On an error this process exits without waiting for its peers (a barrier here could
+        # pair with a collective they are in); torchrun then stops the others.
+        results = _train(config, run_dir, resume, init_from, data, quiet, data_cfg, aug_cfg,
+                         train_cfg, ctx, device, on_epoch_end)
     distributed.shutdown(ctx)
     return results
 
@@ -371,9 +396,16 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     full_config = {**config, "preprocess": pre.to_dict(), "classes": data.classes,
                    "vit_mqa_version": __version__}
     start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, -1
+    earlier_time = 0.0  # training seconds before a resume, so that times stay cumulative
     best_state: dict[str, torch.Tensor] | None = None  # kept in memory: no shared disk needed
     if resume and (run_dir / STATE_NAME).exists():
         state = load_training_state(run_dir / STATE_NAME)
+        mismatch = describe_mismatch(
+            {k: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()},
+            {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        if mismatch:
+            raise VitMqaError(f"cannot resume: {run_dir / STATE_NAME} does not match the "
+                              f"run's config: {mismatch}")
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -384,6 +416,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             raise VitMqaError(f"cannot resume: {run_dir / STATE_NAME} does not match the "
                               f"run's config ({str(e).splitlines()[0]})") from None
         start_epoch, step = state["epoch"], state["step"]
+        earlier_time = float(state.get("elapsed_s", 0.0))
         best_acc, best_epoch = state["best_val_accuracy"], state["best_epoch"]
         say(f"resuming {run_dir} at epoch {start_epoch + 1}")
         if ctx.is_main:  # drop metric lines of an epoch whose state was never saved
@@ -392,6 +425,9 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         say(f"{run_dir} has no finished epoch; starting it over")
         if ctx.is_main:
             _keep_metrics_up_to(run_dir / METRICS_NAME, 0)
+    # Opened before anything is written: a missing tensorboard package fails the run early.
+    tb = (TensorBoardLogger(run_dir, first_step=step if resume else None)
+          if train_cfg.tensorboard and ctx.is_main else None)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_NAME, full_config)
@@ -411,7 +447,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16)
     data_gen = torch.Generator()
     aug_gen = torch.Generator(device=device)
-    started = time.perf_counter()
+    started = time.perf_counter() - earlier_time
     stopped_early = False
 
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -426,6 +462,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        step_losses: list[torch.Tensor] = []  # for TensorBoard; read once per epoch
         epoch_start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}",
                    disable=True if quiet or not ctx.is_main else None, leave=False,
@@ -443,7 +480,13 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             step += 1
             seen += y.shape[0]
             loss_sum += loss.detach() * y.shape[0]
+            if tb is not None:
+                step_losses.append(loss.detach())
             correct += (logits.detach().argmax(dim=1) == y).sum()
+            # One process checks as it goes; several check together after the epoch, so
+            # that they all stop at the same point.
+            if not ctx.enabled and i % 20 == 19 and not bool(torch.isfinite(loss_sum)):
+                raise _diverged(run_dir, epoch, step, train_cfg.lr)
             if ctx.is_main and (i % 20 == 0 or i == steps_per_epoch - 1):
                 elapsed = time.perf_counter() - epoch_start
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
@@ -456,7 +499,11 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         totals = all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
                                              torch.tensor(seen, device=device).double()]), ctx)
         train_time = time.perf_counter() - epoch_start
+        if not math.isfinite(totals[0].item()):
+            raise _diverged(run_dir, epoch, step, train_cfg.lr)
         val = _sharded_eval(eval_model, data.val, pre, train_cfg, device, ctx, len(data.classes))
+        if not math.isfinite(val["loss"]):
+            raise _diverged(run_dir, epoch, step, train_cfg.lr)
         seen_all = max(totals[2].item(), 1)
         record = {
             "epoch": epoch + 1,
@@ -484,6 +531,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             if improved:
                 save_weights(eval_model, run_dir / WEIGHTS_NAME)
             append_jsonl(run_dir / METRICS_NAME, record)
+            if tb is not None:
+                tb.log_epoch(record, step_losses)
             # Written last, and alone sufficient to resume: a crash before this line
             # resumes from the previous epoch, whose metrics line is then dropped.
             save_training_state(run_dir / STATE_NAME, {
@@ -494,6 +543,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
                 "step": step,
                 "best_val_accuracy": best_acc,
                 "best_epoch": best_epoch,
+                "elapsed_s": record["elapsed_s"],
                 **({"ema": ema.state_dict()} if ema is not None else {}),
             })
         say(f"epoch {epoch + 1:>3}/{train_cfg.epochs}  loss {record['train_loss']:.4f}  "
@@ -503,6 +553,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         if stopped_early:
             break
 
+    if tb is not None:
+        tb.close()
     # Final evaluation: the best checkpoint by validation accuracy, on the test set.
     if best_state is not None:
         eval_model.load_state_dict(best_state)
@@ -528,10 +580,30 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     return results
 
 
+def _diverged(run_dir: Path, epoch: int, step: int, lr: float) -> VitMqaError:
+    """The error that stops a run whose loss is no longer finite. Nothing of the diverged
+    epoch is saved: the checkpoints on disk are those of the last good epoch."""
+    kept = (f"{run_dir} keeps the weights and state of epoch {epoch}" if epoch > 0
+            else "no epoch finished, so no weights were saved")
+    return VitMqaError(f"training diverged: the loss is NaN or infinite in epoch {epoch + 1} "
+                       f"(by step {step}); {kept}; try a lower --lr (now {lr:g})")
+
+
+def _metrics_epoch(path: Path, number: int, line: str) -> int:
+    try:
+        record = json.loads(line)
+        epoch = record.get("epoch", 0) if isinstance(record, dict) else None
+    except json.JSONDecodeError:
+        epoch = None
+    if type(epoch) is not int:
+        raise VitMqaError(f"cannot resume: line {number} of {path} is not an epoch record")
+    return epoch
+
+
 def _keep_metrics_up_to(path: Path, epoch: int) -> None:
     if path.exists():
         lines = [x for x in path.read_text().splitlines() if x.strip()]
-        kept = [x for x in lines if json.loads(x).get("epoch", 0) <= epoch]
+        kept = [x for n, x in enumerate(lines, 1) if _metrics_epoch(path, n, x) <= epoch]
         if len(kept) != len(lines):
             atomic_write_text(path, "".join(x + "\n" for x in kept))
 

@@ -1,0 +1,300 @@
+"""People's images -> the training data's format: procedures, reading at real depth,
+unreadable and hostile files, and the predict CLI on folders with bad files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.people_styles import STYLES, render, style_rng
+from tests.conftest import run_cli, write_image_folder
+from vit_mqa.data import DataConfig, Preprocess, load_data, read_image
+from vit_mqa.errors import VitMqaError
+from vit_mqa.preprocess import prepare
+
+
+def mnist(source) -> np.ndarray:
+    return prepare(source, (28, 28), 1, "mnist")[0].numpy()
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test_arrays):
+    images, labels = mnist_test_arrays
+    return images[:12], labels[:12]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_people_styles_come_back_close_to_the_original(digits, style):
+    images, _ = digits
+    scores = []
+    for i, digit in enumerate(images):
+        data, _ = render(digit, style, style_rng(0, style, i))
+        scores.append(corr(mnist(Image.open(io.BytesIO(data))), digit))
+    # The digit was redrawn, resampled and re-centred: close, not identical.
+    assert np.median(scores) > 0.85, scores
+    assert min(scores) > 0.6, scores
+
+
+def test_the_procedure_leaves_mnist_digits_nearly_unchanged(digits):
+    images, _ = digits
+    assert np.mean([corr(mnist(d), d) for d in images]) > 0.93
+    # Black on white, the way people write, is the same digit.
+    assert np.mean([corr(mnist(255 - d), d) for d in images]) > 0.93
+
+
+def test_output_geometry_matches_mnist(digits):
+    out = mnist(Image.fromarray(np.pad(255 - digits[0][0], 100, constant_values=255)))
+    ys, xs = np.nonzero(out)
+    assert max(np.ptp(ys), np.ptp(xs)) + 1 in (20, 21)  # longer side 20 px, antialiased edge
+    mass = out.astype(float)
+    cy = (mass.sum(1) * np.arange(28)).sum() / mass.sum()
+    cx = (mass.sum(0) * np.arange(28)).sum() / mass.sum()
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+
+
+def test_transparency_is_background_whatever_the_ink_colour(digits):
+    digit = digits[0][0]
+    for colour in ((0, 0, 0), (255, 255, 255), (200, 30, 30)):
+        rgba = np.zeros((28, 28, 4), np.uint8)
+        rgba[..., :3] = colour
+        rgba[..., 3] = digit
+        big = Image.fromarray(rgba).resize((140, 140), Image.Resampling.BICUBIC)
+        assert corr(mnist(big), digit) > 0.9, colour
+    # An opaque sheet with transparent margins: the margins are paper, not ink.
+    sheet = np.zeros((60, 60, 4), np.uint8)
+    sheet[10:50, 10:50] = (255, 255, 255, 255)
+    sheet[16:44, 16:44, :3] = 255 - digit[..., None]
+    assert corr(mnist(Image.fromarray(sheet)), digit) > 0.9
+
+
+def test_exif_orientation_is_applied(digits, tmp_path):
+    digit = digits[0][0]
+    upright = Image.fromarray(255 - digit).resize((84, 84))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.rotate(90, expand=True).save(tmp_path / "phone.png", exif=exif.tobytes())
+    assert corr(mnist(tmp_path / "phone.png"), digit) > 0.9
+    # Without the tag the stored pixels are a rotated digit.
+    upright.rotate(90, expand=True).save(tmp_path / "plain.png")
+    assert corr(mnist(tmp_path / "plain.png"), digit) < 0.6
+
+
+def test_16_bit_images_keep_their_grey_levels(digits, tmp_path):
+    digit = digits[0][0]
+    full = Image.fromarray(digit.astype(np.uint16) * 257)  # 16-bit white on black
+    assert full.mode == "I;16"
+    full.save(tmp_path / "d16.png")
+    assert Image.open(tmp_path / "d16.png").mode in ("I;16", "I")
+    raw = read_image(tmp_path / "d16.png", (28, 28), 1)[0].numpy()
+    np.testing.assert_array_equal(raw, digit)  # convert("L") would make every ink pixel 255
+    quarter = Image.fromarray(digit.astype(np.uint16) * 64)  # the low quarter of the range
+    quarter.save(tmp_path / "q16.png")
+    raw = read_image(tmp_path / "q16.png", (28, 28), 1)[0].numpy().astype(int)
+    assert np.abs(raw - np.round(digit.astype(float) * 64 / 65535 * 255)).max() <= 1
+    assert corr(mnist(tmp_path / "q16.png"), digit) > 0.95
+    # In-memory 16-bit and float inputs too.
+    assert corr(mnist(digit.astype(np.uint16) * 64), digit) > 0.95
+    assert corr(mnist(torch.from_numpy(digit / 255.0).float()), digit) > 0.95
+
+
+def test_off_centre_digit_on_a_large_canvas(digits):
+    digit = digits[0][0]
+    canvas = np.full((280, 240), 250, np.uint8)
+    canvas[200:256, 10:66] = 255 - np.asarray(Image.fromarray(digit).resize((56, 56)))
+    assert corr(mnist(canvas), digit) > 0.9
+    # And the old stretch sees nothing like a digit.
+    assert corr(prepare(canvas, (28, 28), 1, "mnist", raw=True)[0].numpy(), digit) < 0.3
+
+
+@pytest.mark.parametrize("blank", [
+    np.full((64, 64), 255, np.uint8),
+    np.zeros((28, 28), np.uint8),
+    np.zeros((40, 40, 4), np.uint8),  # fully transparent
+    np.clip(np.random.default_rng(0).normal(180, 4, (120, 160)), 0, 255).astype(np.uint8),
+])
+def test_blank_images_are_refused(blank):
+    with pytest.raises(VitMqaError, match="no ink found in .*: the image is blank"):
+        prepare(blank, (28, 28), 1, "mnist")
+    with pytest.raises(VitMqaError, match="no ink found"):
+        prepare(blank, (28, 28), 1, "fashion-mnist")
+
+
+def test_fashion_procedure_trims_centres_and_inverts(mnist_test_arrays):
+    # A dark item on a white product shot, wider than tall, off-centre.
+    photo = np.full((300, 400), 255, np.uint8)
+    photo[40:140, 60:260] = 90
+    out = prepare(photo, (28, 28), 1, "fashion-mnist")[0].numpy()
+    rows, cols = np.nonzero(out > 40)
+    assert cols.min() == 0 and cols.max() == 27  # longer side fills the 28 px
+    assert abs((rows.min() + rows.max()) / 2 - 13.5) <= 1  # centred
+    assert out[14, 14] > 150 and out[0, 14] == 0  # light item on black
+
+
+def _bomb_png(path: Path, side: int = 20000) -> None:
+    """A valid PNG header that declares side x side pixels (decoding is never reached)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_one_clear_error(tmp_path):
+    _bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(VitMqaError, match="cannot read image .*bomb.png: too large to decode"):
+        prepare(tmp_path / "bomb.png", (28, 28), 1, "mnist")
+    # In image-folder training too.
+    root = write_image_folder(tmp_path / "imgs", per_class=4, size=(16, 16))
+    _bomb_png(root / "left" / "zz.png")
+    with pytest.raises(VitMqaError, match="zz.png: too large to decode"):
+        load_data(DataConfig(dataset=str(root), val_size=2))
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "b.png")
+    with pytest.raises(VitMqaError, match="b.png: not a regular file"):
+        read_image(tmp_path / "b.png", (28, 28), 1)
+
+
+def test_pad_and_center_crop(tmp_path):
+    wide = np.zeros((20, 40), np.uint8)
+    wide[:, :20] = 200  # left half bright
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    pad = read_image(tmp_path / "wide.png", (20, 20), 1, "pad")[0].numpy()
+    assert pad.shape == (20, 20) and (pad[:5] == 0).all() and (pad[15:] == 0).all()
+    assert pad[10, 2] == 200 and pad[10, 17] == 0  # whole width kept, aspect kept
+    crop = read_image(tmp_path / "wide.png", (20, 20), 1, "center-crop")[0].numpy()
+    assert (crop[:, :9] == 200).all() and (crop[:, 11:] == 0).all()  # the middle 20 columns
+    with pytest.raises(VitMqaError, match="unknown resize"):
+        load_data(DataConfig(dataset=str(tmp_path), resize="squash"))
+
+
+def test_old_configs_keep_stretch():
+    old = {"image_size": [28, 28], "in_channels": 1, "mean": [0.1], "std": [0.3]}
+    assert Preprocess.from_dict(old).procedure == "stretch"
+    new = Preprocess((28, 28), 1, (0.1,), (0.3,), procedure="mnist")
+    assert Preprocess.from_dict(new.to_dict()).procedure == "mnist"
+
+
+# ---------------------------------------------------------------- through a trained run
+
+
+def test_run_records_the_mnist_procedure_and_predictor_takes_any_input(trained_run, digits,
+                                                                       tmp_path):
+    from vit_mqa.predict import Predictor
+
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["preprocess"]["procedure"] == "mnist"
+    predictor = Predictor(trained_run)
+    images, _ = digits
+    Image.fromarray(255 - images[0]).save(tmp_path / "a.png")
+    inputs = [tmp_path / "a.png", Image.fromarray(255 - images[0]), 255 - images[0],
+              torch.from_numpy(255 - images[0]).unsqueeze(0)]
+    prepared = [predictor.prepare(x) for x in inputs]
+    for t in prepared:
+        assert t.dtype == torch.uint8 and t.shape == (1, 28, 28)
+        assert torch.equal(t, prepared[0])
+    results = predictor.predict(inputs, top_k=3)
+    assert results[0]["path"] == str(tmp_path / "a.png") and results[1]["input"] == 1
+    assert len({r["top"][0]["class"] for r in results}) == 1
+    # raw=True is the old stretch: a black-on-white digit stays black on white.
+    assert predictor.prepare(inputs[0], raw=True)[0, 0, 0] == 255
+    with pytest.raises(VitMqaError, match="the image is blank"):
+        predictor.prepare(np.full((50, 50), 255, np.uint8))
+    recorded = predictor.predict([np.full((50, 50), 255, np.uint8), images[1]],
+                                 errors="record")
+    assert "no ink found" in recorded[0]["error"] and "top" in recorded[1]
+
+
+def test_evaluate_folder_applies_the_procedure(trained_run, digits, tmp_path):
+    from vit_mqa.predict import Predictor
+
+    images, labels = digits
+    for i in range(8):  # black on white, larger than 28 px: how people save digits
+        (tmp_path / "set" / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - images[i]).resize((70, 70)).save(
+            tmp_path / "set" / str(labels[i]) / f"{i}.png")
+    Image.new("L", (40, 40), 255).save(tmp_path / "set" / str(labels[0]) / "blank.png")
+    predictor = Predictor(trained_run)
+    after = predictor.evaluate_folder(tmp_path / "set")
+    before = predictor.evaluate_folder(tmp_path / "set", raw=True)
+    assert after["num_images"] == before["num_images"] == 9
+    assert len(after["failed"]) == 1 and "blank.png" in after["failed"][0]
+    assert after["accuracy"] >= 6 / 9 and before["accuracy"] < after["accuracy"]
+
+
+def test_predict_folder_with_bad_files_through_the_cli(trained_run, digits, tmp_path):
+    images, _ = digits
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(255 - images[i]).resize((90, 90)).save(folder / f"{i}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+    Image.new("L", (64, 64), 255).save(folder / "white.png")
+    os.mkfifo(folder / "b.png")
+    result = run_cli("predict", str(trained_run), str(folder), timeout=120)
+    assert result.returncode == 1
+    out = result.stdout.strip().splitlines()
+    assert sorted(Path(line.split(":")[0]).name for line in out) == ["0.png", "1.png", "2.png"]
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 3, result.stderr
+    assert all(line.startswith("vit-mqa: error: ") for line in err)
+    assert any("cannot read image" in line and "corrupt.png" in line for line in err)
+    assert any("b.png: not a regular file" in line for line in err)
+    assert any("no ink found in" in line and "white.png" in line for line in err)
+    assert "Traceback" not in result.stderr
+    # --raw is the old behaviour; --json carries the predicted files only.
+    good = run_cli("predict", str(trained_run), str(folder / "0.png"), "--raw", "--json")
+    assert good.returncode == 0 and json.loads(good.stdout)[0]["path"].endswith("0.png")
+
+
+def test_fifo_and_bomb_through_the_cli(trained_run, tmp_path):
+    os.mkfifo(tmp_path / "b.png")
+    result = run_cli("predict", str(trained_run), str(tmp_path / "b.png"), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"vit-mqa: error: cannot read image {tmp_path / 'b.png'}"
+                                     ": not a regular file")
+    _bomb_png(tmp_path / "bomb.png")
+    result = run_cli("predict", str(trained_run), str(tmp_path / "bomb.png"), timeout=60)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "too large to decode safely" in result.stderr
+
+
+def test_image_folder_run_records_its_resize(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=16, size=(16, 24), mode="RGB")
+    out = tmp_path / "run"
+    result = run_cli("train", "--dataset", str(root), "--val-size", "4", "--image-size", "16",
+                     "--resize", "center-crop", "--patch-size", "8", "--dim", "16",
+                     "--depth", "1", "--num-heads", "2", "--batch-size", "8", "--epochs", "1",
+                     "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    pre = json.loads((out / "config.json").read_text())["preprocess"]
+    assert pre["procedure"] == "center-crop" and pre["resize"] == "center-crop"
+    predicted = run_cli("predict", str(out), str(root / "left" / "0.png"), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["top"][0]["class"] in ("left", "right")
+
+
+def test_predict_flags_offer_every_procedure():
+    from vit_mqa.cli import build_parser
+    from vit_mqa.preprocess import PROCEDURES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    procedure = next(a for a in sub.choices["predict"]._actions if a.dest == "procedure")
+    assert tuple(procedure.choices) == PROCEDURES
+    args = build_parser().parse_args(["train", "--resize", "pad"])
+    assert args.resize == "pad"
