@@ -202,6 +202,12 @@ def run_preprocess(config: dict[str, Any], image_size: tuple[int, int], in_chann
         pre = Preprocess.from_dict(config["preprocess"])
     except VitMqaError as e:
         raise VitMqaError(f"{where}: {e}") from None
+    data = config.get("data")
+    dataset = data.get("dataset") if isinstance(data, dict) else None
+    if "procedure" not in config["preprocess"] and dataset in DATASETS:
+        # A run saved before the procedure was recorded: people's drawings and photos need
+        # the dataset's own normalisation, not a plain stretch.
+        pre.procedure = dataset
     if tuple(pre.image_size) != tuple(image_size) or pre.in_channels != in_channels:
         raise VitMqaError(f"{where}: preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
                           f"{pre.image_size[1]} images, the model takes {in_channels}x"

@@ -27,7 +27,6 @@ from .errors import VitMqaError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-MNIST_FAMILY = ("mnist", "fashion-mnist")
 # The overlay is drawn at this size: 28x28 is too small to read a heat map on screen.
 OVERLAY_SIDE = 224
 MISSING_GRADIO = "the demo needs gradio: pip install 'vit-mqa[demo]'"
@@ -131,17 +130,9 @@ class DemoModel:
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu",
                  top_k: int = 5, procedure: str | None = None) -> None:
-        from .checkpoint import read_config
         from .predict import Predictor
 
         self.run_dir = Path(run_dir)
-        config = read_config(run_dir)
-        dataset = (config.get("data") or {}).get("dataset")
-        if (procedure is None and "procedure" not in (config.get("preprocess") or {})
-                and dataset in MNIST_FAMILY):
-            # A run saved before the procedure was recorded: a drawing or photo needs the
-            # dataset's own normalisation, not a plain stretch to 28x28.
-            procedure = dataset
         self.predictor = Predictor(run_dir, device=device, procedure=procedure)
         self.top_k = max(1, min(top_k, len(self.predictor.classes)))
 
