@@ -25,12 +25,13 @@ def test_matches_reference_multi_head_with_repeated_kv(kv_heads):
     attn = GroupedQueryAttention(64, 8, kv_heads).double().eval()
     x = torch.randn(3, 17, 64, dtype=torch.float64)
     expected, expected_weights = reference_mha(attn, x)
-    out, none = attn(x)
-    assert none is None
+    out = attn(x)
+    assert isinstance(out, torch.Tensor)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-    out2, weights = attn(x, return_attention=True)
-    torch.testing.assert_close(out2, expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(weights, expected_weights, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn.attention_weights(x), expected_weights,
+                               rtol=1e-10, atol=1e-10)
+    attn.explicit_max_tokens = 0  # the fused kernel: the same output
+    torch.testing.assert_close(attn(x), expected, rtol=1e-10, atol=1e-10)
 
 
 def test_multi_query_equals_mha_whose_kv_heads_are_one_shared_head():
@@ -47,7 +48,7 @@ def test_multi_query_equals_mha_whose_kv_heads_are_one_shared_head():
         mha.qkv.bias.copy_(torch.cat([bq, bk.repeat(H), bv.repeat(H)]))
         mha.proj.load_state_dict(mqa.proj.state_dict())
     x = torch.randn(2, 10, D, dtype=torch.float64)
-    torch.testing.assert_close(mqa(x)[0], mha(x)[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mqa(x), mha(x), rtol=1e-10, atol=1e-10)
 
 
 def test_kv_projection_is_shared_not_copied():
@@ -57,8 +58,6 @@ def test_kv_projection_is_shared_not_copied():
 
 
 def test_uses_sdpa_on_the_ordinary_path(monkeypatch):
-    from vit_mqa import attention
-
     calls = []
     real = F.scaled_dot_product_attention
 
@@ -68,27 +67,34 @@ def test_uses_sdpa_on_the_ordinary_path(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     attn = GroupedQueryAttention(48, 6, 2)
-    n = attention.EXPLICIT_MAX_TOKENS + 1
+    assert attn.explicit_max_tokens == 32
+    n = attn.explicit_max_tokens + 1
     attn(torch.randn(2, n, 48))
     # Queries of each group are folded into the sequence: (B, KV, G*N, hd) vs (B, KV, N, hd).
     assert calls == [(torch.Size([2, 2, 3 * n, 8]), torch.Size([2, 2, n, 8]))]
-    attn(torch.randn(2, n, 48), return_attention=True)
-    assert len(calls) == 1  # the weights path computes them explicitly instead
-    attn(torch.randn(2, attention.EXPLICIT_MAX_TOKENS, 48))
+    attn.attention_weights(torch.randn(2, n, 48))
+    assert len(calls) == 1  # the weights are computed explicitly
+    attn(torch.randn(2, n - 1, 48))
     assert len(calls) == 1  # few tokens on a CPU: the explicit products are faster
+    # The threshold is per layer: a constructor argument, and an attribute to change.
+    few = GroupedQueryAttention(48, 6, 2, explicit_max_tokens=4)
+    few(torch.randn(2, 5, 48))
+    assert len(calls) == 2
+    few.explicit_max_tokens = 5
+    few(torch.randn(2, 5, 48))
+    assert len(calls) == 2
+    assert attn.explicit_max_tokens == 32  # other layers keep theirs
 
 
 @pytest.mark.parametrize("kv", [1, 3, 6])
-def test_explicit_and_fused_paths_agree_in_value_and_gradient(monkeypatch, kv):
-    from vit_mqa import attention
-
+def test_explicit_and_fused_paths_agree_in_value_and_gradient(kv):
     torch.manual_seed(0)
     attn = GroupedQueryAttention(48, 6, kv)
     x = torch.randn(3, 17, 48, requires_grad=True)
-    explicit, _ = attn(x)
+    explicit = attn(x)
     (g_explicit,) = torch.autograd.grad(explicit.square().sum(), x)
-    monkeypatch.setattr(attention, "EXPLICIT_MAX_TOKENS", 0)
-    fused, _ = attn(x)
+    attn.explicit_max_tokens = 0
+    fused = attn(x)
     (g_fused,) = torch.autograd.grad(fused.square().sum(), x)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_explicit, g_fused, atol=1e-4, rtol=1e-4)

@@ -90,6 +90,26 @@ def test_lever_reference_formulations_compute_the_same_model(wrapper, kv):
     torch.testing.assert_close(changed(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_sdpa_lever_sets_every_layer_of_that_model_only(monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = bench.build_vit_mqa(TINY, 1).eval()
+    other = bench.build_vit_mqa(TINY, 1).eval()
+    x = torch.randn(3, 3, 16, 16)
+    expected = model(x)
+    assert calls == []  # a few tokens on a CPU: the explicit products by default
+    bench._fused_attention_everywhere(model)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) == TINY.depth
+    other(x)
+    assert len(calls) == TINY.depth  # another model keeps its default
+
+
 def test_conv_patch_lever_computes_the_same_embedding():
     torch.manual_seed(0)
     model = bench.build_vit_mqa(TINY, 1).eval()

@@ -128,43 +128,60 @@ def test_bad_rollout_input():
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_maps_and_logits_agree_across_attention_paths(pooling, monkeypatch):
+def test_maps_and_logits_agree_across_attention_paths(pooling):
     # Off CUDA, short sequences take the explicit product and longer ones the fused SDPA
     # kernel; the maps must describe the computation that produced the logits either way.
     model = tiny_model(pooling, num_kv_heads=2)
     x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(2))
     results = {}
     for name, threshold in (("sdpa", 0), ("explicit", 10**6)):
-        monkeypatch.setattr(attention, "EXPLICIT_MAX_TOKENS", threshold)
+        for block in model.blocks:
+            block.attn.explicit_max_tokens = threshold
         with torch.no_grad():
             logits = model(x)
-            tokens, maps = model.forward_features(x, return_attention=True)
-        results[name] = (logits, model.forward_head(tokens), model.attention_maps(x))
+        maps = model.attention_maps(x)
         assert len(maps) == 3
-    for name in results:
-        logits, logits_with_maps, maps = results[name]
-        torch.testing.assert_close(logits_with_maps, logits, rtol=1e-5, atol=1e-5)
+        # Each layer's map, applied to that layer's values, gives the layer's output on
+        # the path that produced the logits.
+        with torch.no_grad():
+            tokens = model._embed(x)
+            for block, weights in zip(model.blocks, maps):
+                h = block.norm1(tokens)
+                torch.testing.assert_close(apply_weights(block.attn, h, weights),
+                                           block.attn(h), rtol=1e-5, atol=1e-5)
+                tokens = block(tokens)
+            torch.testing.assert_close(model.forward_head(model.norm(tokens)), logits)
+        results[name] = (logits, maps)
     torch.testing.assert_close(results["sdpa"][0], results["explicit"][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(results["sdpa"][2], results["explicit"][2]):
+    for a, b in zip(results["sdpa"][1], results["explicit"][1]):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a.sum(dim=-1), torch.ones(a.shape[:-1]))
 
 
-def test_attention_weights_reproduce_the_fused_output(monkeypatch):
-    # The probabilities returned for a layer, applied to its values (query head h reading
+def apply_weights(layer: attention.GroupedQueryAttention, x: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """The layer's output computed from given probabilities (B, H, N, N): query head h
+    reads K/V head h // group."""
+    B, N, D = x.shape
+    H, KV, hd = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    v = layer.qkv(x)[..., (H + KV) * hd:].view(B, N, KV, hd).transpose(1, 2)  # (B, KV, N, hd)
+    v = v.repeat_interleave(H // KV, dim=1)  # per query head
+    return layer.proj((weights @ v).transpose(1, 2).reshape(B, N, D))
+
+
+def test_attention_weights_reproduce_the_fused_output():
+    # The probabilities computed for a layer, applied to its values (query head h reading
     # K/V head h // group), give what the fused kernel computes.
-    monkeypatch.setattr(attention, "EXPLICIT_MAX_TOKENS", 0)
     torch.manual_seed(0)
-    layer = attention.GroupedQueryAttention(dim=32, num_heads=4, num_kv_heads=2).eval()
+    layer = attention.GroupedQueryAttention(dim=32, num_heads=4, num_kv_heads=2,
+                                            explicit_max_tokens=0).eval()
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
-        fused, none = layer(x)
-        _, weights = layer(x, return_attention=True)
-        v = layer.qkv(x)[..., (4 + 2) * 8:].view(2, 7, 2, 8).transpose(1, 2)  # (B, KV, N, hd)
-        v = v.repeat_interleave(2, dim=1)  # per query head
-        out = (weights @ v).transpose(1, 2).reshape(2, 7, 32)
-        torch.testing.assert_close(layer.proj(out), fused, rtol=1e-5, atol=1e-5)
-    assert none is None
+        fused = layer(x)
+        weights = layer.attention_weights(x)
+        assert weights.shape == (2, 4, 7, 7)
+        torch.testing.assert_close(apply_weights(layer, x, weights), fused,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_overlay_marks_the_relevant_patch():

@@ -71,23 +71,144 @@ def test_bad_configs_are_clear_errors(kw, message):
 def test_non_square_images_and_channels():
     config = ViTConfig(image_size=(16, 40), patch_size=8, in_channels=5, num_classes=3, dim=32)
     model = VisionTransformer(config).eval()
-    tokens, maps = model.forward_features(torch.randn(2, 5, 16, 40))
-    assert tokens.shape == (2, 1 + 2 * 5, 32) and maps == []
+    tokens = model.forward_features(torch.randn(2, 5, 16, 40))
+    assert isinstance(tokens, torch.Tensor) and tokens.shape == (2, 1 + 2 * 5, 32)
     assert model.forward_head(tokens).shape == (2, 3)
     assert model.forward_head(tokens, pre_logits=True).shape == (2, 32)
     with pytest.raises(VitMqaError, match=r"expected images of shape \(B, 5, 16, 40\)"):
         model(torch.randn(2, 5, 40, 16))
 
 
-def test_attention_maps_do_not_change_the_output():
+def test_forward_features_are_the_normalised_output_of_the_last_block():
     torch.manual_seed(0)
     model = VisionTransformer(ViTConfig(depth=3, num_heads=4, num_kv_heads=2)).eval()
     x = torch.randn(2, 1, 28, 28)
-    tokens, maps = model.forward_features(x, return_attention=True)
-    assert len(maps) == 3
-    assert maps[0].shape == (2, 4, 50, 50)
-    torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 4, 50))
-    torch.testing.assert_close(model.forward_head(tokens), model(x), rtol=1e-5, atol=1e-5)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 1 + 49, 64)
+    # LayerNorm with its initial affine: every token has mean 0 and variance 1.
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 50), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.forward_head(tokens), model(x))
+
+
+def explicit_attention_maps(model: VisionTransformer, x: torch.Tensor) -> list[torch.Tensor]:
+    """The attention probabilities written out from the weights, layer by layer."""
+    c = model.config
+    H, KV, hd = c.num_heads, c.num_kv_heads, c.dim // c.num_heads
+    tokens = model.patch_embed(x)
+    if model.cls_token is not None:
+        tokens = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+    tokens = tokens + model.pos_embed
+    maps = []
+    for block in model.blocks:
+        h = block.norm1(tokens)
+        B, N, _ = h.shape
+        q, k, _ = block.attn.qkv(h).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = q.view(B, N, H, hd).transpose(1, 2)
+        k = k.view(B, N, KV, hd).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+        maps.append(torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1))
+        tokens = block(tokens)
+    return maps
+
+
+@pytest.mark.parametrize("threshold", [0, 10**6])  # fused SDPA / explicit products
+def test_attention_maps_equal_the_explicit_computation_on_either_path(threshold):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(depth=3, num_heads=4, num_kv_heads=2, dropout=0.1,
+                                        attn_dropout=0.1)).double()
+    for block in model.blocks:
+        block.attn.explicit_max_tokens = threshold
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    maps = model.attention_maps(x)  # in train mode: computed without dropout all the same
+    assert model.training
+    assert len(maps) == 3 and maps[0].shape == (2, 4, 50, 50)
+    assert not maps[0].requires_grad
+    with torch.no_grad():
+        expected = explicit_attention_maps(model.eval(), x)
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 4, 50, dtype=torch.float64))
+
+
+def test_the_explicit_threshold_switches_the_path_not_the_values(monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(patch_size=7, depth=2, num_kv_heads=2)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert all(b.attn.explicit_max_tokens == 32 for b in model.blocks)
+    explicit = model(x)  # 17 tokens <= 32 on a CPU: the explicit products
+    assert calls == []
+    for block in model.blocks:
+        block.attn.explicit_max_tokens = 0
+    fused = model(x)
+    assert len(calls) == 2  # one fused call per layer
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_get_intermediate_layers_follows_timm(pooling):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(depth=4, pooling=pooling)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    prefix = model.config.num_prefix_tokens
+    with torch.no_grad():
+        outputs, tokens = [], model._embed(x)
+        for block in model.blocks:
+            tokens = block(tokens)
+            outputs.append(tokens)
+        last_two = model.get_intermediate_layers(x, n=2)
+        assert isinstance(last_two, tuple) and len(last_two) == 2
+        for got, want in zip(last_two, outputs[2:]):
+            torch.testing.assert_close(got, want[:, prefix:])  # patch tokens only
+        picked = model.get_intermediate_layers(x, n=[0, -1], norm=True, reshape=True,
+                                               return_prefix_tokens=True)
+        for (spatial, prefix_tokens), want in zip(picked, [outputs[0], outputs[3]]):
+            want = model.norm(want)
+            assert spatial.shape == (2, 64, 7, 7)
+            torch.testing.assert_close(spatial.flatten(2).transpose(1, 2), want[:, prefix:])
+            torch.testing.assert_close(prefix_tokens, want[:, :prefix])
+        # The last block, normalised, is what forward_features returns.
+        torch.testing.assert_close(model.get_intermediate_layers(x, norm=True)[0],
+                                   model.forward_features(x)[:, prefix:])
+    for bad in (0, 5, [4], [-5], []):
+        with pytest.raises(VitMqaError, match="n must be|block indices"):
+            model.get_intermediate_layers(x, n=bad)
+
+
+def test_reset_classifier_replaces_the_head():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(depth=2, dim=32))
+    model.reset_classifier(1000)
+    # Initialised as reset_parameters does it: trunc-normal(0.02) weights, zero bias
+    # (nn.Linear's own init would give a std of about 0.1 here).
+    assert 0.019 < model.head.weight.std() < 0.021
+    assert model.head.bias.abs().max() == 0
+    old = model.head
+    model.reset_classifier(3)
+    assert model.head is not old and model.config.num_classes == 3
+    assert model.head.weight.shape == (3, 32) and model.head.bias.shape == (3,)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    assert count_parameters(model) == model.config.num_parameters()
+    for bad, message in ((0, "num_classes must be >= 1"), (2.0, "num_classes must be int"),
+                         (10**9, "parameters, more than the limit")):
+        with pytest.raises(VitMqaError, match=message):
+            model.reset_classifier(bad)
+    assert model.config.num_classes == 3 and model.head.out_features == 3  # unchanged
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(), {"pos_embed", "cls_token"}),
+    (dict(pooling="mean"), {"pos_embed"}),
+    (dict(pooling="mean", pos_embed="sincos2d"), set()),  # a fixed buffer, not a parameter
+])
+def test_no_weight_decay_names_parameters_that_exist(kw, expected):
+    model = VisionTransformer(ViTConfig(depth=1, **kw))
+    assert model.no_weight_decay() == expected
+    assert expected <= dict(model.named_parameters()).keys()
 
 
 def test_sincos_position_embedding_is_fixed_and_not_saved():

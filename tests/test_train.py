@@ -176,6 +176,23 @@ def test_resume_of_something_else_is_refused(tmp_path):
         train({}, tmp_path, resume=True)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(pooling="mean", pos_embed="sincos2d")])
+def test_optimizer_skips_weight_decay_on_1d_params_and_the_models_list(kw):
+    from vit_mqa.train import TrainConfig, make_optimizer
+
+    model = VisionTransformer(ViTConfig(depth=2, dim=32, qk_norm=True, **kw))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert skipped == ({n for n, p in model.named_parameters() if p.ndim < 2}
+                       | model.no_weight_decay())
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - skipped
+    assert ("pos_embed" in skipped) == (model.config.pos_embed == "learned")
+    assert "blocks.0.attn.qkv.weight" not in skipped and "head.weight" not in skipped
+
+
 def test_init_from_loads_weights(small_mnist, tmp_path):
     config = build_config(overrides={**TINY, "epochs": 1, "max_steps": 5})
     train(config, tmp_path / "a", data=small_mnist, quiet=True)

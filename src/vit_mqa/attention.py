@@ -11,9 +11,11 @@ keys. Without a mask this is exactly grouped-query attention, runs through
 ``scaled_dot_product_attention`` on every torch >= 2.4, and makes the score
 matrix product one large GEMM per K/V head instead of ``G`` small ones.
 
-Off CUDA, sequences of at most ``EXPLICIT_MAX_TOKENS`` keys take three plain
-products instead of the fused kernel (faster there; measured by ``vit-mqa bench
---levers``); both paths are tested to agree.
+Off CUDA, sequences of at most ``explicit_max_tokens`` keys (an attribute of each
+layer, 32 by default) take three plain products instead of the fused kernel (faster
+there; measured by ``vit-mqa bench --levers``); both paths are tested to agree.
+``attention_weights(x)`` computes a layer's probabilities on their own, for
+explanations; the ordinary forward returns only the output.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Token counts up to which attention off CUDA runs as explicit matmul-softmax-matmul.
-EXPLICIT_MAX_TOKENS = 32
+# Default token count up to which attention off CUDA runs as explicit matmul-softmax-matmul.
+DEFAULT_EXPLICIT_MAX_TOKENS = 32
 
 
 class GroupedQueryAttention(nn.Module):
@@ -36,6 +38,7 @@ class GroupedQueryAttention(nn.Module):
         qk_norm: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        explicit_max_tokens: int = DEFAULT_EXPLICIT_MAX_TOKENS,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -45,6 +48,8 @@ class GroupedQueryAttention(nn.Module):
                 f"num_kv_heads {num_kv_heads} must be a divisor of num_heads {num_heads}"
             )
         self.num_heads = num_heads
+        # Off CUDA, up to this many keys take the explicit products; 0 = always fused SDPA.
+        self.explicit_max_tokens = explicit_max_tokens
         self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -72,30 +77,26 @@ class GroupedQueryAttention(nn.Module):
         # (B, KV, G*N, hd) -> (B, H, N, hd) -> (B, N, H*hd)
         return out.reshape(B, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B, N, -1)
 
-    def forward(
-        self, x: torch.Tensor, return_attention: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attend over ``x`` (B, N, dim).
-
-        Returns the output and, only when ``return_attention`` is set, the attention
-        probabilities (B, num_heads, N, N). The ordinary path uses the fused SDPA
-        kernel; asking for the weights computes them explicitly for that call only.
-        """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attend over ``x`` (B, N, dim); returns (B, N, dim)."""
         B, N, _ = x.shape
         q, k, v = self._grouped_qkv(x)
-        out, attn = self.attend(q, k, v, need_weights=return_attention)
-        weights = attn.reshape(B, self.num_heads, N, N) if attn is not None else None
-        return self.proj_drop(self.proj(self._merge_heads(out, B, N))), weights
+        return self.proj_drop(self.proj(self._merge_heads(self.attend(q, k, v), B, N)))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """softmax(q k^T / sqrt(hd)) v over (..., L, hd) x (..., S, hd); the probabilities
-        too when ``need_weights`` is set (else None)."""
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities (B, num_heads, N, N) that ``forward(x)`` applies
+        (without dropout), computed explicitly whichever path ``forward`` takes."""
+        B, N, _ = x.shape
+        q, k, _ = self._grouped_qkv(x)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, KV, G*N, N)
+        return attn.reshape(B, self.num_heads, N, N)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v over (..., L, hd) x (..., S, hd)."""
         drop = self.attn_drop if self.training else 0.0
         # Off CUDA, with few keys, three plain products beat the fused kernel, whose tiling
         # is built for long sequences (`vit-mqa bench --levers`; docs/benchmarks.md, "Levers").
-        few_keys = q.device.type != "cuda" and k.shape[-2] <= EXPLICIT_MAX_TOKENS
-        if not (need_weights or few_keys):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop), None
+        if q.device.type == "cuda" or k.shape[-2] > self.explicit_max_tokens:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return F.dropout(attn, drop) @ v, (attn if need_weights else None)
+        return F.dropout(attn, drop) @ v

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import GroupedQueryAttention
 from .augment import AugmentConfig
 from .data import Preprocess
 from .errors import VitMqaError
@@ -544,8 +545,7 @@ class _ExpandedKV(_AttentionVariant):
     """Reference formulation that copies each K/V head once per query head (repeat_interleave)
     and runs ordinary multi-head SDPA: what the folded formulation avoids."""
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False
-                ) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
         B, N, _ = x.shape
         H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
@@ -553,16 +553,15 @@ class _ExpandedKV(_AttentionVariant):
         q = q.view(B, N, H, hd).transpose(1, 2)
         k = k.view(B, N, KV, hd).transpose(1, 2).repeat_interleave(H // KV, dim=1)
         v = v.view(B, N, KV, hd).transpose(1, 2).repeat_interleave(H // KV, dim=1)
-        out, _ = a.attend(q, k, v)
-        return a.proj(out.transpose(1, 2).reshape(B, N, -1)), None
+        out = a.attend(q, k, v)
+        return a.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
 class _SeparateQKV(_AttentionVariant):
     """Three projections (as Hugging Face's ViT has) instead of one fused matmul; same
     weights, sliced from the fused parameter."""
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False
-                ) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
         H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
         w, b = a.qkv.weight, a.qkv.bias
@@ -574,9 +573,9 @@ class _SeparateQKV(_AttentionVariant):
         q = q.view(B, N, KV, G, hd).permute(0, 2, 1, 3, 4).reshape(B, KV, N * G, hd)
         k = k.view(B, N, KV, hd).transpose(1, 2)
         v = v.view(B, N, KV, hd).transpose(1, 2)
-        out, _ = a.attend(q, k, v)
+        out = a.attend(q, k, v)
         out = out.view(B, KV, N, G, hd).permute(0, 2, 1, 3, 4).reshape(B, N, -1)
-        return a.proj(out), None
+        return a.proj(out)
 
 
 class _ConvPatchEmbed(nn.Module):
@@ -653,6 +652,8 @@ def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: Be
                         _swap_attention(model, _ExpandedKV)
                     elif name == "separate-qkv":
                         _swap_attention(model, _SeparateQKV)
+                    elif name == "fused-sdpa":
+                        _fused_attention_everywhere(model)
                     elif name == "conv-patch":
                         model.patch_embed = _ConvPatchEmbed(model.patch_embed.proj)
                     elif name == "adamw-foreach":
@@ -684,8 +685,6 @@ def _lever_context(name: str, opts: BenchOptions, runners: list[Runner]) -> Iter
     """Levers that are process settings wrap only the changed runner's step."""
     if name == "sdpa-math":
         _wrap_step(runners[1], _math_attention)
-    elif name == "fused-sdpa":
-        _wrap_step(runners[1], _fused_attention_everywhere)
     elif name == "one-thread":
         def one_thread() -> contextlib.AbstractContextManager[None]:
             return _threads(1)
@@ -702,16 +701,11 @@ def _wrap_step(runner: Runner, context: Callable[[], contextlib.AbstractContextM
     runner.step = step
 
 
-@contextlib.contextmanager
-def _fused_attention_everywhere() -> Iterator[None]:
-    from . import attention
-
-    before = attention.EXPLICIT_MAX_TOKENS
-    attention.EXPLICIT_MAX_TOKENS = 0
-    try:
-        yield
-    finally:
-        attention.EXPLICIT_MAX_TOKENS = before
+def _fused_attention_everywhere(model: nn.Module) -> None:
+    """Make every attention layer of ``model`` take the fused SDPA kernel at any length."""
+    for module in model.modules():
+        if isinstance(module, GroupedQueryAttention):
+            module.explicit_max_tokens = 0
 
 
 @contextlib.contextmanager

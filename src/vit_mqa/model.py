@@ -1,14 +1,18 @@
 """Vision Transformer with multi-query / grouped-query attention.
 
 Read top to bottom: config, patch embedding, position embeddings, encoder block,
-the model. ``forward_features`` returns normalised tokens, ``forward_head`` pools
-and classifies (as in timm), and ``save_pretrained`` / ``from_pretrained`` read and
-write a directory of ``config.json`` + ``model.safetensors`` (as in Hugging Face).
+the model. As in timm, ``forward_features`` returns normalised tokens,
+``forward_head`` pools and classifies, ``get_intermediate_layers`` returns chosen
+blocks' outputs, and ``reset_classifier`` / ``no_weight_decay`` serve fine-tuning;
+``attention_maps`` computes the per-layer attention probabilities on request.
+``save_pretrained`` / ``from_pretrained`` read and write a directory of
+``config.json`` + ``model.safetensors`` (as in Hugging Face).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,13 +228,9 @@ class Block(nn.Module):
         self.mlp = MLP(c.dim, c.mlp_dim, c.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(
-        self, x: torch.Tensor, return_attention: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x, attn
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -271,16 +271,30 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        self._init_head()
+
+    def _init_head(self) -> None:
         nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
 
-    def forward_features(
-        self, x: torch.Tensor, return_attention: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, dim).
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes
+        (and record it in ``config``), e.g. to fine-tune on another label set."""
+        # Validated as a config would be (type, >= 1, parameter limit) before allocating.
+        dataclasses.replace(self.config, num_classes=num_classes)
+        old = self.head.weight
+        self.head = nn.Linear(self.config.dim, num_classes, device=old.device, dtype=old.dtype)
+        self._init_head()
+        self.config.num_classes = num_classes
 
-        Also returns one (B, heads, tokens, tokens) attention map per layer when
-        ``return_attention`` is set, else an empty list.
-        """
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters to train without weight decay besides the 1-D ones
+        (biases, norms), as in timm."""
+        names = {"pos_embed", "cls_token"}
+        return {name for name, _ in self.named_parameters() if name in names}
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the first block's input tokens (B, prefix + patches, dim)."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels or tuple(x.shape[2:]) != c.image_size:
             raise VitMqaError(
@@ -290,13 +304,14 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        maps: list[torch.Tensor] = []
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, prefix + patches, dim)."""
+        x = self._embed(x)
         for block in self.blocks:
-            x, attn = block(x, return_attention)
-            if attn is not None:
-                maps.append(attn)
-        return self.norm(x), maps
+            x = block(x)
+        return self.norm(x)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.config.pooling == "cls":
@@ -307,7 +322,44 @@ class VisionTransformer(nn.Module):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x)[0])
+        return self.forward_head(self.forward_features(x))
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+        return_prefix_tokens: bool = False, norm: bool = False,
+    ) -> tuple[Any, ...]:
+        """Outputs of chosen blocks for images x, in block order (timm's semantics).
+
+        ``n``: an int takes the last ``n`` blocks; a sequence takes those block indices
+        (negative ones count from the end). Each output is the block's patch tokens
+        (B, patches, dim), without the CLS token; ``norm`` applies the final LayerNorm
+        first, ``reshape`` gives (B, dim, grid_h, grid_w), and ``return_prefix_tokens``
+        makes each item a pair (patch tokens, prefix tokens (B, prefix, dim)).
+        """
+        depth = len(self.blocks)
+        if isinstance(n, int) and not isinstance(n, bool):
+            if not 1 <= n <= depth:
+                raise VitMqaError(f"n must be 1 to {depth} (the model's depth), got {n}")
+            take = set(range(depth - n, depth))
+        else:
+            if not n or not all(isinstance(i, int) and -depth <= i < depth for i in n):
+                raise VitMqaError(f"block indices must be ints in [-{depth}, {depth}), got {n!r}")
+            take = {i % depth for i in n}
+        x = self._embed(x)
+        outputs = []
+        for i, block in enumerate(self.blocks[:max(take) + 1]):  # later blocks are not needed
+            x = block(x)
+            if i in take:
+                outputs.append(self.norm(x) if norm else x)
+        prefix = self.config.num_prefix_tokens
+        results: list[Any] = []
+        for out in outputs:
+            patches = out[:, prefix:]
+            if reshape:
+                gh, gw = self.config.grid_size
+                patches = patches.reshape(out.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
+            results.append((patches, out[:, :prefix]) if return_prefix_tokens else patches)
+        return tuple(results)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -316,7 +368,12 @@ class VisionTransformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.forward_features(x, return_attention=True)[1]
+            maps = []
+            x = self._embed(x)
+            for block in self.blocks:
+                maps.append(block.attn.attention_weights(block.norm1(x)))
+                x = block(x)
+            return maps
         finally:
             self.train(was_training)
 

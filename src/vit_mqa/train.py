@@ -203,10 +203,12 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
 
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig,
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, position embeddings and the CLS token."""
+    """AdamW; no weight decay on 1-D parameters (biases, norms) nor on those the model's
+    ``no_weight_decay()`` names (position embeddings, the CLS token)."""
+    skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.ndim < 2 or name in ("pos_embed", "cls_token"):
+        if p.ndim < 2 or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
