@@ -380,9 +380,9 @@ def test_edited_run_configs_are_one_line_for_predict_and_eval(tiny_run, tmp_path
         "\"preprocess\" has no mean": variant("no-mean", lambda c: c["preprocess"].pop("mean")),
     }
     eval_cases = {
-        "unknown data setting(s) colour": variant(
+        "unknown \"data\" setting(s): colour": variant(
             "data-key", lambda c: c["data"].update(colour="red")),
-        "\"data\" must be an object, got str": variant(
+        "\"data\" must be a JSON object, got str": variant(
             "data-str", lambda c: c.update(data="mnist")),
     }
     argvs = ([["predict", str(run), str(image), "--raw"] for run in predict_cases.values()]

@@ -34,7 +34,7 @@ def test_overrides_num_classes_and_image_size():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: create_model("vit-huge"), "unknown model name 'vit-huge'; choose from mnist-fast"),
-    (lambda: create_model("mnist-fast", heads=3), "unknown model config keys: heads"),
+    (lambda: create_model("mnist-fast", heads=3), "unknown model config setting\\(s\\): heads"),
     (lambda: create_model("mnist-fast", num_kv_heads=3), "num_kv_heads 3 must be a divisor"),
 ])
 def test_bad_requests_are_clear_errors(call, message):

@@ -51,7 +51,7 @@ def test_config_json_round_trip():
 
 
 def test_unknown_config_key_is_an_error():
-    with pytest.raises(VitMqaError, match="unknown model config keys: heads"):
+    with pytest.raises(VitMqaError, match="unknown model config setting\\(s\\): heads"):
         ViTConfig.from_dict({"heads": 3})
 
 

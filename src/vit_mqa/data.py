@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from . import preprocess as preprocess_images
-from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types
+from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types, dataclass_from_dict
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
                     ".ppm")
@@ -230,14 +230,8 @@ def run_classes(config: dict[str, Any], num_classes: int, where: str | Path) -> 
 
 def data_config_from_dict(d: Any, where: str | Path) -> DataConfig:
     """A run's "data" section, checked."""
-    if not isinstance(d, dict):
-        raise VitMqaError(f"{where}: \"data\" must be an object, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise VitMqaError(f"{where}: unknown data setting(s) {', '.join(map(str, unknown))}")
-    config = DataConfig(**d)
     try:
+        config = dataclass_from_dict(DataConfig, d, '"data"')
         config.validate()
     except VitMqaError as e:
         raise VitMqaError(f"{where}: {e}") from None

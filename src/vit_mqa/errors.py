@@ -3,6 +3,8 @@ shared by every config."""
 
 from __future__ import annotations
 
+from typing import Any
+
 # The largest image side any config or image may ask for: a run directory or an image is
 # something people download, and must not make the loader allocate without limit.
 MAX_IMAGE_SIDE = 4096
@@ -47,3 +49,17 @@ def check_field_types(config: object, section: str) -> None:
             continue
         if not ok:
             raise VitMqaError(f"{section}.{f.name} must be {declared}, got {value!r}")
+
+
+def dataclass_from_dict(cls: type, d: object, what: str) -> Any:
+    """``cls(**d)`` for a config section read from JSON, with one clear error when ``d`` is
+    not an object or names a setting ``cls`` does not have."""
+    import dataclasses
+
+    if not isinstance(d, dict):
+        raise VitMqaError(f"{what} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(d) - known))
+    if unknown:
+        raise VitMqaError(f"unknown {what} setting(s): {', '.join(unknown)}")
+    return cls(**d)

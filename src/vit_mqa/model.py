@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import GroupedQueryAttention
-from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types
+from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types, dataclass_from_dict
 
 # Bounds on what a config may ask for. A run directory is something people download: its
 # config.json must not be able to make the loader allocate without limit.
@@ -131,13 +131,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        if not isinstance(d, dict):
-            raise VitMqaError(f"a model config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise VitMqaError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model config")
 
     def num_parameters(self) -> int:
         """Parameter count from the formula (the tests check it against the module)."""
