@@ -1,6 +1,7 @@
 """The vit-mqa command, run as a real subprocess: happy paths and every bad input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -202,3 +203,28 @@ def test_bad_device_one_line(trained_run, tmp_path):
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "z.png")
     _one_line_error(run_cli("predict", str(trained_run), str(tmp_path / "z.png"), "--device",
                             "quantum"), "unknown device 'quantum'")
+
+
+def test_eval_works_from_any_folder_and_when_the_data_folder_moved(tiny_folder, data_root,
+                                                                     tmp_path):
+    from tests.conftest import TINY_TRAIN
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_folder, work / "bars")
+    run = run_cli("train", "--dataset", "bars", "--out", "run", "--epochs", "1", *TINY_TRAIN,
+                  cwd=work)
+    assert run.returncode == 0, run.stderr
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["data"]["dataset"] == str(work / "bars")  # recorded absolute
+    elsewhere = run_cli("eval", str(work / "run"), "--json", cwd=tmp_path)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert json.loads(elsewhere.stdout)["num_images"] == 8
+    # An MNIST run whose --data-dir has gone: the usual lookup, with a note saying so.
+    mnist = tmp_path / "mnist-run"
+    shutil.copytree(work / "run", mnist)
+    config["data"].update(dataset="mnist", data_dir=str(tmp_path / "gone"))
+    (mnist / "config.json").write_text(json.dumps(config))
+    moved = run_cli("eval", str(mnist), "--json", env={"VIT_MQA_DATA": str(data_root)})
+    assert moved.stderr.startswith(f"vit-mqa: note: the run's data folder {tmp_path / 'gone'}")
+    # MNIST was found through the lookup: its classes are compared with the run's.
+    assert "the data's classes ['0', '1'," in moved.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,11 @@ def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cp
     data_cfg = data_config_from_dict(config["data"], where)
     if data_dir:
         data_cfg.data_dir = data_dir
+    elif data_cfg.data_dir and not Path(data_cfg.data_dir).expanduser().is_dir():
+        # The run was trained elsewhere, or its data has moved: the usual places next.
+        print(f"vit-mqa: note: the run's data folder {data_cfg.data_dir} is gone; looking "
+              "in $VIT_MQA_DATA, the cache and /usr/share/datasets", file=sys.stderr)
+        data_cfg.data_dir = None
     data = load_data(data_cfg)
     if config.get("classes") and data.classes != classes:
         raise VitMqaError(f"the data's classes {data.classes} differ from the run's "

@@ -325,8 +325,8 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise VitMqaError(f"run directory {run_dir} is a file")
-    if resume:
-        config = _resume_config(run_dir, config)
+    config = _resume_config(run_dir, config) if resume else copy.deepcopy(config)
+    _absolute_data_paths(config["data"])
     data_cfg = DataConfig(**config["data"])
     aug_cfg = AugmentConfig(**config["augment"])
     train_cfg = TrainConfig(**config["train"])
@@ -580,6 +580,14 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     say(f"test accuracy {100 * results['test_accuracy']:.2f}% (best epoch {best_epoch}, "
         f"val {100 * best_acc:.2f}%) in {results['train_time_s']:.0f}s -> {run_dir}")
     return results
+
+
+def _absolute_data_paths(data: dict[str, Any]) -> None:
+    """Data paths are recorded absolute, so that `vit-mqa eval RUN` works from any folder."""
+    if data.get("data_dir"):
+        data["data_dir"] = str(Path(data["data_dir"]).expanduser().absolute())
+    if isinstance(data.get("dataset"), str) and data["dataset"] not in DATASETS:
+        data["dataset"] = str(Path(data["dataset"]).expanduser().absolute())
 
 
 def _diverged(run_dir: Path, epoch: int, step: int, lr: float) -> VitMqaError:
