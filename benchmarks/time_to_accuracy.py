@@ -12,7 +12,7 @@ seeds) and writes JSON.
     python benchmarks/time_to_accuracy.py --preset fmnist-fast --seeds 0 1 2 --out runs/tta-f
     python benchmarks/time_to_accuracy.py --preset mnist-fast --set num_kv_heads=4 ...
 
-Seeds of one recipe trained in separate runs (for instance one per session) are merged
+Seeds of one recipe trained in separate runs (for instance on different days) are merged
 into one report, after checking that every run used the same settings but the seed:
 
     python benchmarks/time_to_accuracy.py --combine runs/a runs/b --out runs/ab

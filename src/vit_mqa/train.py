@@ -586,8 +586,9 @@ def _absolute_data_paths(data: dict[str, Any]) -> None:
     """Data paths are recorded absolute, so that `vit-mqa eval RUN` works from any folder."""
     if data.get("data_dir"):
         data["data_dir"] = str(Path(data["data_dir"]).expanduser().absolute())
-    if isinstance(data.get("dataset"), str) and data["dataset"] not in DATASETS:
-        data["dataset"] = str(Path(data["dataset"]).expanduser().absolute())
+    dataset = data.get("dataset")
+    if isinstance(dataset, str) and dataset not in DATASETS and Path(dataset).expanduser().is_dir():
+        data["dataset"] = str(Path(dataset).expanduser().absolute())
 
 
 def _diverged(run_dir: Path, epoch: int, step: int, lr: float) -> VitMqaError:
