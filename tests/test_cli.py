@@ -159,9 +159,25 @@ def test_train_on_image_folder_then_predict(tmp_path):
     assert predicted[0]["top"][0]["class"] in ("left", "right")
 
 
-def test_presets_listed():
+def test_presets_listed_as_a_table_and_as_json():
+    from vit_mqa.presets import PRESETS
+
     result = run_cli("presets")
-    assert result.returncode == 0 and "mnist-fast (default)" in result.stdout
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and lines[0].split() == ["preset", "dataset", "model",
+                                                           "epochs", "batch", "lr"]
+    default = next(x for x in lines if x.startswith("mnist-fast (default)"))
+    assert "patch 7, dim 64, depth 6, 4 heads / 1 K/V, cls" in default
+    assert all(any(x.startswith(name) for x in lines) for name in PRESETS)
+    as_json = json.loads(run_cli("presets", "--json").stdout)
+    assert as_json == {"default": "mnist-fast", "presets": PRESETS}
+
+
+def test_bare_command_lists_the_commands():
+    result = run_cli()
+    assert result.returncode == 0
+    for command in ("train", "eval", "predict", "demo", "report", "presets"):
+        assert f"    {command}" in result.stdout
 
 
 def test_image_size_flag_resizes_folder_data(tmp_path):

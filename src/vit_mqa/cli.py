@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vit-mqa", description="Vision Transformers with multi-query / "
                      "grouped-query attention: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"vit-mqa {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, title="commands",
+                                metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model; writes a run directory")
     t.add_argument("--preset", help="named recipe (see `vit-mqa presets`); default mnist-fast")
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "fashion-mnist"),
                    help="override the run's recorded preprocessing")
 
-    sub.add_parser("presets", help="list the named presets")
+    r = sub.add_parser("presets", help="list the named presets")
+    r.add_argument("--json", action="store_true", help="print the presets as JSON")
     return parser
 
 
@@ -400,14 +402,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import DEFAULT_PRESET, PRESETS
 
-    for name, preset in PRESETS.items():
-        marker = " (default)" if name == DEFAULT_PRESET else ""
-        print(f"{name}{marker}: {json.dumps(preset)}")
+    if args.json:
+        print(json.dumps({"default": DEFAULT_PRESET, "presets": PRESETS}, indent=2))
+        return 0
+    from .train import build_config
+
+    rows = [("preset", "dataset", "model", "epochs", "batch", "lr")]
+    for name in PRESETS:
+        config = build_config(name)  # what a run of the preset uses, defaults included
+        model, train = config["model"], config["train"]
+        shape = (f"patch {model['patch_size']}, dim {model['dim']}, depth {model['depth']}, "
+                 f"{model['num_heads']} heads / {model['num_kv_heads']} K/V, "
+                 f"{model['pooling']}")
+        rows.append((name + (" (default)" if name == DEFAULT_PRESET else ""),
+                     config["data"]["dataset"], shape, str(train["epochs"]),
+                     str(train["batch_size"]), f"{train['lr']:g}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nvit-mqa train --preset NAME; any setting can be overridden by its flag "
+          "(vit-mqa presets --json shows every setting).")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `vit-mqa`: say what it can do
+        parser.print_help()
+        return 0
     commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "import": cmd_import, "convert": cmd_convert, "export": cmd_export,
                 "bench": cmd_bench, "presets": cmd_presets, "demo": cmd_demo,
