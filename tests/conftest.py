@@ -120,3 +120,15 @@ def assert_one_line_error(result: dict, fragment: str) -> None:
     assert result["code"] in (1, 2), f"{argv}: exit {result['code']}, stderr {lines}"
     assert len(lines) == 1 and lines[0].startswith("vit-mqa: error: "), f"{argv}: {lines}"
     assert fragment in lines[0], f"{argv}: {lines[0]!r} does not say {fragment!r}"
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[int]:
+    """A list that grows by one per call of the fused attention kernel (SDPA)."""
+    import torch.nn.functional as F
+
+    calls: list[int] = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls

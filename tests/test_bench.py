@@ -90,13 +90,8 @@ def test_lever_reference_formulations_compute_the_same_model(wrapper, kv):
     torch.testing.assert_close(changed(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_sdpa_lever_sets_every_layer_of_that_model_only(monkeypatch):
-    import torch.nn.functional as F
-
-    calls = []
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+def test_fused_sdpa_lever_sets_every_layer_of_that_model_only(sdpa_calls):
+    calls = sdpa_calls
     torch.manual_seed(0)
     model = bench.build_vit_mqa(TINY, 1).eval()
     other = bench.build_vit_mqa(TINY, 1).eval()

@@ -129,13 +129,8 @@ def test_attention_maps_equal_the_explicit_computation_on_either_path(threshold)
     torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 4, 50, dtype=torch.float64))
 
 
-def test_the_explicit_threshold_switches_the_path_not_the_values(monkeypatch):
-    import torch.nn.functional as F
-
-    calls = []
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+def test_the_explicit_threshold_switches_the_path_not_the_values(sdpa_calls):
+    calls = sdpa_calls
     torch.manual_seed(0)
     model = VisionTransformer(ViTConfig(patch_size=7, depth=2, num_kv_heads=2)).eval()
     x = torch.randn(2, 1, 28, 28)

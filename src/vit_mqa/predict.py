@@ -33,8 +33,8 @@ class Predictor:
     >>> predictor.prepare(pil_image).shape                  # doctest: +SKIP
     torch.Size([1, 28, 28])
 
-    ``procedure`` overrides the run's recorded one (runs saved before it was recorded
-    use "stretch"; pass "mnist" to give such an MNIST run the MNIST procedure).
+    ``procedure`` overrides the run's recorded one (runs saved before it was recorded get
+    their dataset's procedure when trained on MNIST or Fashion-MNIST, else "stretch").
     """
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu",
