@@ -17,8 +17,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vit_mqa.checkpoint import load_model_dir
-from vit_mqa.data import DataConfig, Preprocess, load_data
+from vit_mqa.data import DataConfig, load_data
+from vit_mqa.model import load_model_dir
+from vit_mqa.preprocess import Preprocess
 
 
 def main() -> None:

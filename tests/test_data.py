@@ -187,6 +187,23 @@ def test_image_folder_with_holdout_splits(tmp_path):
     assert data.train.images.dtype == torch.uint8
 
 
+def test_validation_size_default_fraction_and_count(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=60, size=(12, 12))
+    default = load_data(DataConfig(dataset=str(root)))  # 10 %: 12 test, then 11 validation
+    assert (len(default.train), len(default.val), len(default.test)) == (97, 11, 12)
+    fraction = load_data(DataConfig(dataset=str(root), val_size=0.25))
+    assert (len(fraction.train), len(fraction.val), len(fraction.test)) == (68, 22, 30)
+    assert DataConfig().val_count(60_000) == 5000  # MNIST keeps its 5,000 images
+    for bad in (0, -1, 2.5, 1.0000001):
+        with pytest.raises(VitMqaError, match="val_size must be a count of images"):
+            DataConfig(dataset=str(root), val_size=bad).validate()
+    gray = load_data(DataConfig(dataset=str(write_image_folder(tmp_path / "rgb", per_class=10,
+                                                               mode="RGB")), in_channels=1))
+    assert gray.preprocess.in_channels == 1 and gray.train.images.shape[1] == 1
+    with pytest.raises(VitMqaError, match="mnist images have one channel"):
+        load_data(DataConfig(dataset="mnist", in_channels=3))
+
+
 def test_image_folder_with_train_and_test_dirs_resized_rgb(tmp_path):
     write_image_folder(tmp_path / "ds" / "train", per_class=10, mode="RGB", seed=1)
     write_image_folder(tmp_path / "ds" / "test", per_class=3, mode="RGB", seed=2)
@@ -199,8 +216,9 @@ def test_bad_folder_inputs(tmp_path):
     with pytest.raises(VitMqaError, match="unknown dataset 'cifar-11'"):
         load_data(DataConfig(dataset="cifar-11"))
     root = write_image_folder(tmp_path / "imgs", per_class=4)
-    with pytest.raises(VitMqaError, match="does not fit a training set of 8 images"):
-        load_data(DataConfig(dataset=str(root)))
+    with pytest.raises(VitMqaError, match="of 5 images does not fit a training set of 8 "
+                                          "images; pass a smaller --val-size"):
+        load_data(DataConfig(dataset=str(root), val_size=5))
     (root / "left" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(VitMqaError, match="cannot read image .*broken.png"):
         load_data(DataConfig(dataset=str(root), val_size=2))

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 from tests.conftest import run_cli
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.checkpoint import load_model_dir
 from vit_mqa.interop import (
     convert_kv_heads,
     load_external,
-    load_init_weights,
     resample_pos_embed,
+    transfer_weights,
 )
+from vit_mqa.model import load_model_dir, save_model_dir
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -150,14 +150,33 @@ def test_resample_pos_embed():
 
 def test_init_from_resamples_to_another_image_size(tmp_path):
     small = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=1))
-    small.save_pretrained(tmp_path / "small")
     big = VisionTransformer(ViTConfig(image_size=56, patch_size=7, dim=32, depth=1))
-    load_init_weights(big, tmp_path / "small")
+    notices = transfer_weights(big, small, "small")
     torch.testing.assert_close(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(big.head.weight, small.head.weight)
     assert big.pos_embed.shape == (1, 65, 32)
+    assert notices == ["position embeddings resampled from a 4x4 to a 8x8 grid"]
     wrong = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=48, depth=1))
-    with pytest.raises(VitMqaError, match="weights do not fit"):
-        load_init_weights(wrong, tmp_path / "small")
+    with pytest.raises(VitMqaError, match="weights in small do not fit"):
+        transfer_weights(wrong, small, "small")
+
+
+def test_transfer_to_other_classes_keeps_the_backbone_and_makes_a_new_head():
+    torch.manual_seed(0)
+    source = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2))
+    torch.manual_seed(1)
+    target = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2,
+                                         num_classes=3))
+    head_before = target.head.weight.clone()
+    notices = transfer_weights(target, source, "src")
+    assert notices == ["the classification head was re-initialised for 3 classes (the source "
+                       "has 10)"]
+    torch.testing.assert_close(target.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(target.head.weight, head_before)  # left as initialised
+    rgb = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2,
+                                      in_channels=3))
+    with pytest.raises(VitMqaError, match="1-channel images .* --in-channels 1"):
+        transfer_weights(rgb, source, "src")
 
 
 def test_convert_to_the_same_head_count_changes_nothing():
@@ -198,7 +217,7 @@ def test_convert_cli_keeps_run_settings(trained_run, tmp_path, data_root):
     mha_dir = tmp_path / "mha"
     model, config = load_model_dir(trained_run)
     mha = VisionTransformer(ViTConfig.from_dict({**config["model"], "num_kv_heads": 4}))
-    mha.save_pretrained(mha_dir, {k: v for k, v in config.items() if k != "model"})
+    save_model_dir(mha, mha_dir, {k: v for k, v in config.items() if k != "model"})
     result = run_cli("convert", str(mha_dir), str(tmp_path / "gqa"), "--kv-heads", "2")
     assert result.returncode == 0, result.stderr
     converted = json.loads((tmp_path / "gqa" / "config.json").read_text())
@@ -218,7 +237,7 @@ def test_onnx_export_matches_on_the_whole_mnist_test_set(trained_run, tmp_path,
     assert result.returncode == 0, result.stderr
     assert "onnxruntime matches PyTorch" in result.stdout
     model, config = load_model_dir(trained_run)
-    from vit_mqa.data import Preprocess
+    from vit_mqa.preprocess import Preprocess
 
     pre = Preprocess.from_dict(config["preprocess"])
     images = torch.from_numpy(mnist_test_arrays[0].copy()).unsqueeze(1)

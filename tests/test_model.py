@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.checkpoint import load_model_dir
-from vit_mqa.model import count_parameters
+from vit_mqa.model import count_parameters, load_model_dir
 
 CONFIGS = [
     dict(),
@@ -216,14 +215,60 @@ def test_sincos_position_embedding_is_fixed_and_not_saved():
 def test_save_and_load_pretrained(tmp_path):
     torch.manual_seed(0)
     model = VisionTransformer(ViTConfig(num_kv_heads=2, dim=32, depth=2)).eval()
-    model.save_pretrained(tmp_path / "m", extra_config={"classes": list("abcdefghij")})
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json",
-                                                                  "model.safetensors"]
+    model.classes = list("abcdefghij")
+    model.preprocess.mean, model.preprocess.std = (0.2,), (0.4,)
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "README.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "library_name: vit-mqa" in card and "multi-query-attention" in card
     again = VisionTransformer.from_pretrained(tmp_path / "m")
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert again.classes == list("abcdefghij")
+    assert (again.preprocess.mean, again.preprocess.std) == ((0.2,), (0.4,))
     _, config = load_model_dir(tmp_path / "m")
     assert config["classes"] == list("abcdefghij")
+
+
+def _hub_cache(tmp_path, model, repo="someone/digits", commit="a" * 40):
+    """The Hugging Face Hub cache layout, as huggingface_hub leaves it after a download."""
+    root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    model.save_pretrained(root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return tmp_path / "hub"
+
+
+def test_from_pretrained_reads_a_hub_model_from_the_offline_cache(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(dim=32, depth=2)).eval()
+    cache = _hub_cache(tmp_path, model)
+    again = VisionTransformer.from_pretrained("someone/digits", cache_dir=cache,
+                                              local_files_only=True)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    with pytest.raises(VitMqaError, match="someone/other is not a local directory, and the "
+                                          "Hugging Face Hub model"):
+        VisionTransformer.from_pretrained("someone/other", cache_dir=cache,
+                                          local_files_only=True)
+
+
+def test_preprocess_travels_with_a_loaded_model(tiny_run):
+    """Images in [0, 1], uint8 batches and picture files all reach the model normalised
+    as in training: the same logits as the run's own evaluation path."""
+    model = VisionTransformer.from_pretrained(tiny_run)
+    pre = model.preprocess
+    assert pre.mean != (0.5,) * len(pre.mean)  # the run's statistics, not a default
+    g = torch.Generator().manual_seed(0)
+    uint8 = torch.randint(0, 256, (3, pre.in_channels, *pre.image_size), generator=g,
+                          dtype=torch.uint8)
+    expected = (uint8.float() / 255 - torch.tensor(pre.mean).view(1, -1, 1, 1)) / torch.tensor(
+        pre.std).view(1, -1, 1, 1)
+    torch.testing.assert_close(pre(uint8), expected)
+    torch.testing.assert_close(pre(uint8.float() / 255), expected)
+    with pytest.raises(VitMqaError, match="expected images of shape"):
+        pre(torch.zeros(1, pre.in_channels, 5, 5))
 
 
 def test_loading_mismatched_weights_names_the_problem(tmp_path):

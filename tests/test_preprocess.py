@@ -17,9 +17,9 @@ from PIL import Image
 
 from benchmarks.people_styles import STYLES, render, style_rng
 from tests.conftest import run_cli, write_image_folder
-from vit_mqa.data import DataConfig, Preprocess, load_data, read_image
+from vit_mqa.data import DataConfig, load_data, read_image
 from vit_mqa.errors import VitMqaError
-from vit_mqa.preprocess import prepare
+from vit_mqa.preprocess import Preprocess, prepare
 
 
 def mnist(source) -> np.ndarray:

@@ -290,3 +290,99 @@ def test_compile_without_a_compiler_falls_back_to_the_eager_result(data_root, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((tmp_path / "compiled" / "config.json").read_text())
     assert saved["train"]["compile"] is True
+
+
+def test_layer_decay_gives_each_layer_its_learning_rate_and_freezing_trains_the_head_only():
+    from vit_mqa.train import TrainConfig, freeze_backbone, make_optimizer
+
+    model = VisionTransformer(ViTConfig(dim=32, depth=2, num_heads=4))
+    cfg = TrainConfig(lr=1.0, layer_decay=0.5)
+    optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.patch_embed.proj.weight)] == 0.5 ** 3
+    assert lr_of[id(model.pos_embed)] == 0.5 ** 3
+    assert lr_of[id(model.blocks[0].attn.qkv.weight)] == 0.5 ** 2
+    assert lr_of[id(model.blocks[1].mlp.fc1.bias)] == 0.5
+    assert lr_of[id(model.head.weight)] == lr_of[id(model.norm.weight)] == 1.0
+    assert len(lr_of) == len(list(model.parameters()))
+    # Without layer decay: the two groups of before (decayed, not decayed), so old runs resume.
+    plain = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.05, 0.0]
+    freeze_backbone(model)
+    frozen = make_optimizer(model, cfg, torch.device("cpu"))
+    trained = [p for g in frozen.param_groups for p in g["params"]]
+    assert {id(p) for p in trained} == {id(model.head.weight), id(model.head.bias)}
+
+
+def test_fine_tune_an_imported_hf_vit_on_a_folder_of_other_classes(tmp_path):
+    """A tiny Hugging Face ViT with random weights, imported, fine-tuned on a generated
+    folder of 2 classes at another image size, then used for prediction."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, image_size=32, patch_size=8,
+                                 num_channels=3, num_labels=5)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "hf")
+    imported = tmp_path / "imported"
+    assert run_cli("import", str(tmp_path / "hf"), str(imported)).returncode == 0
+    folder = write_image_folder(tmp_path / "folder", per_class=24, size=(24, 24), mode="RGB")
+    common = ["--dataset", str(folder), "--init-from", str(imported), "--batch-size", "8",
+              "--quiet"]
+
+    probe = run_cli("train", *common, "--out", str(tmp_path / "probe"), "--epochs", "1",
+                    "--freeze-backbone")
+    assert probe.returncode == 0, probe.stderr
+    assert ("vit-mqa: note: the classification head was re-initialised for 2 classes (the "
+            "source has 5)") in probe.stderr
+    assert "position embeddings resampled from a 4x4 to a 3x3 grid" in probe.stderr
+    source, probed = load_file(imported / "model.safetensors"), load_file(
+        tmp_path / "probe" / "model.safetensors")
+    for name in ("blocks.1.attn.qkv.weight", "patch_embed.proj.weight", "norm.weight"):
+        torch.testing.assert_close(probed[name], source[name], rtol=0, atol=0)
+    assert probed["head.weight"].shape == (2, 32)
+
+    tuned = tmp_path / "tuned"
+    result = run_cli("train", *common, "--out", str(tuned), "--epochs", "3", "--lr", "1e-3",
+                     "--layer-decay", "0.75")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tuned / "config.json").read_text())
+    assert config["classes"] == ["left", "right"]
+    assert config["preprocess"]["mean"] == [0.5] * 3  # the imported model's normalisation
+    assert config["preprocess"]["image_size"] == [24, 24]
+    assert {k: config["model"][k] for k in ("dim", "depth", "num_heads", "num_kv_heads")} == {
+        "dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 4}
+    tuned_weights = load_file(tuned / "model.safetensors")
+    assert not torch.equal(tuned_weights["blocks.1.attn.qkv.weight"],
+                           source["blocks.1.attn.qkv.weight"])
+    predicted = run_cli("predict", str(tuned), str(folder / "right"), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    answers = json.loads(predicted.stdout)
+    assert len(answers) == 24
+    assert {a["top"][0]["class"] for a in answers} <= {"left", "right"}
+    # Recomputing the statistics from the new data, on request.
+    own = run_cli("train", *common, "--out", str(tmp_path / "own"), "--epochs", "1",
+                  "--init-normalization", "data")
+    assert own.returncode == 0, own.stderr
+    mean = json.loads((tmp_path / "own" / "config.json").read_text())["preprocess"]["mean"]
+    assert mean != [0.5] * 3
+
+
+def test_init_from_a_grayscale_run_refuses_rgb_data_and_names_the_option(tmp_path, tiny_run):
+    from tests.conftest import run_cli
+
+    folder = write_image_folder(tmp_path / "rgb", per_class=12, mode="RGB")
+    result = run_cli("train", "--dataset", str(folder), "--init-from", str(tiny_run),
+                     "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
+                     "--quiet")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"vit-mqa: error: {tiny_run} takes 1-channel images and this model 3: the patch "
+        "embedding cannot be reused (convert the images: --in-channels 1)"]
+    fixed = run_cli("train", "--dataset", str(folder), "--init-from", str(tiny_run),
+                    "--out", str(tmp_path / "run2"), "--epochs", "1", "--batch-size", "8",
+                    "--in-channels", "1", "--quiet")
+    assert fixed.returncode == 0, fixed.stderr

@@ -36,9 +36,9 @@ from torch import nn
 
 from .attention import GroupedQueryAttention
 from .augment import AugmentConfig
-from .data import Preprocess
 from .errors import VitMqaError
 from .model import VisionTransformer, ViTConfig, count_parameters
+from .preprocess import Preprocess
 from .presets import PRESETS
 from .train import TrainConfig, compile_model, make_batch, make_optimizer, training_step
 

@@ -248,38 +248,6 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def save_model_dir(model: torch.nn.Module, directory: str | Path,
-                   extra_config: dict[str, Any] | None = None) -> None:
-    directory = Path(directory)
-    config = {"model": model.config.to_dict(), **(extra_config or {})}
-    save_weights(model, directory / WEIGHTS_NAME)
-    write_json(directory / CONFIG_NAME, config)
-
-
-def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
-                   map_location: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-    """(model in eval mode, full config dict) from a run or model directory."""
-    from .model import VisionTransformer, ViTConfig
-
-    config = read_config(directory)
-    path = Path(directory) / CONFIG_NAME
-    try:
-        model_config = ViTConfig.from_dict(config["model"])
-    except TypeError as e:
-        raise VitMqaError(f"{path}: malformed model config ({e})") from None
-    except VitMqaError as e:
-        raise VitMqaError(f"{path}: {e}") from None
-    # The config is checked against the weights file's header on a skeleton that holds no
-    # memory, so a config.json that asks for a huge model fails before anything is allocated.
-    with torch.device("meta"):
-        skeleton = VisionTransformer(model_config)
-    check_weights_file(Path(directory) / weights,
-                       {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
-    model = VisionTransformer(model_config)
-    load_weights(model, Path(directory) / weights, map_location)
-    return model.to(map_location).eval(), config
-
-
 def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 

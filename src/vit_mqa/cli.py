@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "sections, layered over the preset")
     t.add_argument("--out", metavar="DIR", help="run directory (default runs/PRESET-TIME)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last epoch")
-    t.add_argument("--init-from", metavar="RUN_DIR", help="start from a run's best weights")
+    t.add_argument("--init-from", metavar="RUN_DIR", help="fine-tune: start from a run's or "
+                   "model directory's weights (or a Hugging Face Hub model id); another number "
+                   "of classes gets a new head, another image size resampled position "
+                   "embeddings")
     t.add_argument("--quiet", action="store_true", help="no progress or epoch lines")
     _add_setting_flags(t)
 
@@ -186,10 +189,9 @@ def _new_run_dir(stem: str) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .checkpoint import save_model_dir
-    from .data import Preprocess
     from .interop import adapt_state_dict, load_external
-    from .model import VisionTransformer, ViTConfig
+    from .model import VisionTransformer, ViTConfig, save_model_dir
+    from .preprocess import Preprocess
 
     dest = _fresh_dir(args.dest)
     model, extras = load_external(args.source, args.num_heads)
@@ -213,8 +215,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model_dir, save_model_dir
     from .interop import convert_kv_heads
+    from .model import load_model_dir, save_model_dir
 
     dest = _fresh_dir(args.dest)
     model, config = load_model_dir(args.source)
@@ -232,8 +234,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .checkpoint import load_model_dir
     from .interop import export_onnx
+    from .model import load_model_dir
 
     model, _ = load_model_dir(args.run_dir, _weights_name(args.weights))
     try:
@@ -281,11 +283,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             sectioned[field_section(name)][name] = value
         train(sectioned, args.resume, resume=True, quiet=args.quiet)
         return 0
-    init_model = None
+    init_model = init_dir = None
     if args.init_from:
         from .checkpoint import read_config
+        from .model import resolve_model_dir
 
-        init_model = read_config(args.init_from)["model"]
+        init_dir = resolve_model_dir(args.init_from)  # a folder, or a model on the Hub
+        init_model = read_config(init_dir)["model"]
     config = build_config(args.preset, args.config, overrides, init_model)
     out = args.out
     if out is None:
@@ -293,12 +297,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
         out = (f"runs/{config['preset']}-{run_id}" if run_id
                else _new_run_dir(f"runs/{config['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    train(config, out, init_from=args.init_from, quiet=args.quiet)
+    train(config, out, init_from=init_dir, quiet=args.quiet)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import Preprocess
     from .distributed import pick_device
     from .evaluate import classification_report, evaluate, load_run
 
@@ -306,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, config, data = load_run(args.run_dir, _weights_name(args.weights), device,
                                    args.data_dir)
     split = data.test if args.split == "test" else data.val
-    result = evaluate(model, split, Preprocess.from_dict(config["preprocess"]), device=device)
+    result = evaluate(model, split, model.preprocess, device=device)
     report = classification_report(result["predictions"], split.labels, data.classes)
     report = {"split": args.split, "run_dir": str(args.run_dir), "loss": result["loss"], **report}
     if args.json:

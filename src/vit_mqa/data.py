@@ -11,12 +11,9 @@ training: batches are slices of one tensor.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import gzip
 import hashlib
 import http.client
-import math
 import os
 import sys
 import tempfile
@@ -34,6 +31,7 @@ from tqdm import tqdm
 
 from . import preprocess as preprocess_images
 from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types, dataclass_from_dict
+from .preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
                     ".ppm")
@@ -105,127 +103,43 @@ class DataConfig:
 
     dataset: str = "mnist"  # "mnist", "fashion-mnist", or a path to an image folder
     data_dir: str | None = None  # searched first, then $VIT_MQA_DATA, cache, /usr/share/datasets
-    val_size: int = 5000  # images carved from the training set, with a fixed seed
+    # Validation images carved from the training set with a fixed seed: a count (500) or a
+    # fraction (0.1). Unset: 10 % of the training images, at most 5000.
+    val_size: float | None = None
     split_seed: int = 0  # the validation split does not move with the training seed
     image_size: int | None = None  # resize image-folder data to this; None keeps the native size
+    # Image-folder data: 1 (grayscale) or 3 (RGB) channels; unset, the first image decides.
+    in_channels: int | None = None
     # How image-folder pictures of another shape reach image_size: "stretch", "pad" (fit
     # inside, black borders) or "center-crop" (fill, crop the overflow). Also applied at
     # prediction.
     resize: str = "stretch"
     download: bool = True  # fetch a missing MNIST / Fashion-MNIST into the cache
 
+    def val_count(self, num_images: int) -> int:
+        """The number of validation images out of ``num_images`` training images."""
+        if self.val_size is None:
+            return max(1, min(5000, round(0.1 * num_images)))
+        if self.val_size < 1:
+            return max(1, round(self.val_size * num_images))
+        return int(self.val_size)
+
     def validate(self) -> None:
         check_field_types(self, "data")
-        if self.val_size < 1 or self.split_seed < 0:
-            raise VitMqaError(f"need val_size >= 1 and split_seed >= 0, got {self.val_size}, "
-                              f"{self.split_seed}")
+        count = self.val_size is not None and self.val_size >= 1
+        if self.val_size is not None and not (
+                0 < self.val_size < 1 or (count and float(self.val_size).is_integer())):
+            raise VitMqaError(f"val_size must be a count of images (>= 1) or a fraction "
+                              f"between 0 and 1, got {self.val_size}")
+        if self.split_seed < 0:
+            raise VitMqaError(f"split_seed must be >= 0, got {self.split_seed}")
+        if self.in_channels not in (None, 1, 3):
+            raise VitMqaError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIDE:
             raise VitMqaError(f"image_size must be 1 to {MAX_IMAGE_SIDE}, got {self.image_size}")
         if self.resize not in preprocess_images.RESIZES:
             raise VitMqaError(f"unknown resize {self.resize!r}: use one of "
                               f"{', '.join(preprocess_images.RESIZES)}")
-
-
-@dataclass
-class Preprocess:
-    """How raw pixels become model input; saved with every run so that prediction
-    sees exactly what training saw."""
-
-    image_size: tuple[int, int]
-    in_channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resize: str = "stretch"  # images of another size are resized to image_size (bilinear)
-    # What prediction does to people's images first (see preprocess.PROCEDURES): "mnist" or
-    # "fashion-mnist" for those datasets, else the resize. Configs without it: "stretch".
-    procedure: str = "stretch"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["image_size"] = list(self.image_size)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """From config.json's "preprocess", every field checked (it may come from a file
-        someone downloaded)."""
-        if not isinstance(d, dict):
-            raise VitMqaError(f"\"preprocess\" must be an object, got {type(d).__name__}")
-        missing = [k for k in ("image_size", "in_channels", "mean", "std") if k not in d]
-        if missing:
-            raise VitMqaError(f"\"preprocess\" has no {', '.join(missing)}")
-        size, channels = d["image_size"], d["in_channels"]
-        if not (isinstance(size, list) and len(size) == 2 and all(
-                _is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in size)):
-            raise VitMqaError(f"preprocess.image_size must be [height, width], each 1 to "
-                              f"{MAX_IMAGE_SIDE}, got {size!r}")
-        if not (_is_int(channels) and channels in (1, 3)):
-            raise VitMqaError(f"preprocess.in_channels must be 1 or 3, got {channels!r}")
-        for key in ("mean", "std"):
-            values = d[key]
-            if not (isinstance(values, list) and len(values) == channels and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in values)):
-                raise VitMqaError(f"preprocess.{key} must be {channels} finite number(s), "
-                                  f"got {values!r}")
-        if not all(v > 0 for v in d["std"]):
-            raise VitMqaError(f"preprocess.std must be > 0, got {d['std']!r}")
-        resize, procedure = d.get("resize", "stretch"), d.get("procedure", "stretch")
-        if not (isinstance(resize, str) and isinstance(procedure, str)):
-            raise VitMqaError("preprocess.resize and preprocess.procedure must be names")
-        return cls((size[0], size[1]), channels, tuple(float(v) for v in d["mean"]),
-                   tuple(float(v) for v in d["std"]), resize, procedure)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 1] (B, C, H, W) -> normalised model input."""
-        mean, std = _channel_stats(tuple(self.mean), tuple(self.std), images.device,
-                                   images.dtype)
-        return (images - mean) / std
-
-    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.normalize(images_uint8.float().div_(255.0))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def run_preprocess(config: dict[str, Any], image_size: tuple[int, int], in_channels: int,
-                   where: str | Path) -> Preprocess:
-    """A run's recorded preprocessing, checked against the model it goes with; a bare
-    model directory without one gets plain [-1, 1] scaling."""
-    if "preprocess" not in config:
-        return Preprocess(tuple(image_size), in_channels, (0.5,) * in_channels,
-                          (0.5,) * in_channels)
-    try:
-        pre = Preprocess.from_dict(config["preprocess"])
-    except VitMqaError as e:
-        raise VitMqaError(f"{where}: {e}") from None
-    data = config.get("data")
-    dataset = data.get("dataset") if isinstance(data, dict) else None
-    if "procedure" not in config["preprocess"] and dataset in DATASETS:
-        # A run saved before the procedure was recorded: people's drawings and photos need
-        # the dataset's own normalisation, not a plain stretch.
-        pre.procedure = dataset
-    if tuple(pre.image_size) != tuple(image_size) or pre.in_channels != in_channels:
-        raise VitMqaError(f"{where}: preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
-                          f"{pre.image_size[1]} images, the model takes {in_channels}x"
-                          f"{image_size[0]}x{image_size[1]}")
-    return pre
-
-
-def run_classes(config: dict[str, Any], num_classes: int, where: str | Path) -> list[str]:
-    """A run's class names (default "0", "1", ...), one per model output."""
-    classes = config.get("classes")
-    if classes is None or classes == []:
-        return [str(i) for i in range(num_classes)]
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise VitMqaError(f"{where}: \"classes\" must be a list of names")
-    if len(classes) != num_classes:
-        raise VitMqaError(f"{where}: config lists {len(classes)} classes but the model has "
-                          f"{num_classes} outputs")
-    return classes
 
 
 def data_config_from_dict(d: Any, where: str | Path) -> DataConfig:
@@ -236,14 +150,6 @@ def data_config_from_dict(d: Any, where: str | Path) -> DataConfig:
     except VitMqaError as e:
         raise VitMqaError(f"{where}: {e}") from None
     return config
-
-
-@functools.lru_cache(maxsize=32)
-def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device, not per batch: on a GPU each would be a host-to-device copy.
-    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
-            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
 
 
 @dataclass
@@ -522,7 +428,8 @@ def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[i
 def _holdout(split: Split, size: int, seed: int, what: str) -> tuple[Split, Split]:
     if not 0 < size < len(split) // 2 + 1:
         raise VitMqaError(f"{what} of {size} images does not fit a training set of "
-                          f"{len(split)} images; pass a smaller --val-size")
+                          f"{len(split)} images; pass a smaller --val-size (a count, or a "
+                          "fraction such as 0.1)")
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     keep, held = order[size:].sort().values, order[:size].sort().values
     return (Split(split.images[keep], split.labels[keep]),
@@ -534,6 +441,9 @@ def load_data(config: DataConfig) -> Data:
     config.validate()
     spec = DATASETS.get(config.dataset)
     if spec is not None:
+        if config.in_channels == 3:
+            raise VitMqaError(f"{spec.name} images have one channel; in_channels applies to "
+                              "image folders")
         arrays, directory = load_idx_dataset(spec, config.data_dir, config.download)
 
         def split(prefix: str) -> Split:
@@ -557,18 +467,21 @@ def load_data(config: DataConfig) -> Data:
         resize = procedure = config.resize
         size = (config.image_size, config.image_size) if config.image_size else None
         train_root = root / "train" if (root / "train").is_dir() else root
-        train, classes, size, channels = load_image_folder(train_root, None, size, None, resize)
+        train, classes, size, channels = load_image_folder(train_root, None, size,
+                                                           config.in_channels, resize)
         test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
         if test_root is not None and train_root != root:
             test = load_image_folder(test_root, classes, size, channels, resize)[0]
         else:
             # No test folder: hold out a fixed test split the same size as validation.
-            train, test = _holdout(train, config.val_size, config.split_seed + 1, "a test split")
+            train, test = _holdout(train, config.val_count(len(train)), config.split_seed + 1,
+                                   "a test split")
         pixels = train.images.float().div_(255.0)
         mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
         std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 2, 3)).tolist())
         source = str(root)
-    train, val = _holdout(train, config.val_size, config.split_seed, "a validation split")
+    train, val = _holdout(train, config.val_count(len(train)), config.split_seed,
+                          "a validation split")
     in_channels, h, w = train.images.shape[1:]
     preprocess = Preprocess((int(h), int(w)), int(in_channels), mean, std, resize, procedure)
     return Data(train, val, test, classes, preprocess, source)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import Data, Preprocess, Split
+from .data import Data, Split
 from .errors import VitMqaError
+from .preprocess import Preprocess
 
 
 @torch.inference_mode()
@@ -47,16 +48,14 @@ def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cp
     """A training run's model (``weights``: a file name in the run) on ``device``, its
     config and its data, checked to have the run's classes. ``data_dir`` overrides where
     the run found its data."""
-    from .checkpoint import load_model_dir
-    from .data import data_config_from_dict, load_data, run_classes, run_preprocess
+    from .data import data_config_from_dict, load_data
+    from .model import load_model_dir
 
     model, config = load_model_dir(run_dir, weights, device)
     if "data" not in config or "preprocess" not in config:
         raise VitMqaError(f"{run_dir} has no data settings: not a training run directory")
     where = Path(run_dir) / "config.json"
-    mc = model.config
-    run_preprocess(config, mc.image_size, mc.in_channels, where)
-    classes = run_classes(config, mc.num_classes, where)
+    classes = model.classes
     data_cfg = data_config_from_dict(config["data"], where)
     if data_dir:
         data_cfg.data_dir = data_dir

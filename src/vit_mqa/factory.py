@@ -10,12 +10,12 @@ pretrained architecture is an error naming the mismatched weights.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import WEIGHTS_NAME, describe_mismatch, load_model_dir
 from .errors import VitMqaError
-from .interop import adapt_state_dict
+from .interop import transfer_weights
 from .model import VisionTransformer, ViTConfig
 from .presets import DEFAULT_PRESET, PRESETS
 
@@ -37,7 +37,7 @@ def create_model(name_or_preset: str | None = None, pretrained: str | Path | Non
     fields = ViTConfig().to_dict()
     source: VisionTransformer | None = None
     if pretrained is not None:
-        source, _ = load_model_dir(pretrained, WEIGHTS_NAME, "cpu")
+        source = VisionTransformer.from_pretrained(pretrained)
         fields.update(source.config.to_dict())
     if name_or_preset is not None:
         if name_or_preset not in PRESETS:
@@ -53,15 +53,12 @@ def create_model(name_or_preset: str | None = None, pretrained: str | Path | Non
     if source is None:
         return VisionTransformer(config)
 
-    # Load into the pretrained number of classes, then replace the head if that differs.
-    loading = ViTConfig.from_dict({**config.to_dict(), "num_classes": source.config.num_classes})
-    model = VisionTransformer(loading)
-    state = adapt_state_dict(source.state_dict(), source.config, loading)
-    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in state.items()},
-                                 {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    if mismatch:
-        raise VitMqaError(f"the weights in {pretrained} do not fit this model ({mismatch})")
-    model.load_state_dict(state)
-    if config.num_classes != loading.num_classes:
-        model.reset_classifier(config.num_classes)
+    if config.in_channels != source.config.in_channels:
+        raise VitMqaError(f"{pretrained} takes {source.config.in_channels}-channel images; "
+                          f"in_channels={config.in_channels} cannot reuse its patch embedding")
+    model = VisionTransformer(config)
+    transfer_weights(model, source, pretrained)
+    model.preprocess = dataclasses.replace(source.preprocess, image_size=config.image_size)
+    if config.num_classes == source.config.num_classes:
+        model.classes = list(source.classes)
     return model.eval()

@@ -52,20 +52,39 @@ def adapt_state_dict(state: dict[str, torch.Tensor], source: ViTConfig,
     return state
 
 
-def load_init_weights(model: VisionTransformer, directory: str | Path,
-                      device: torch.device | str = "cpu") -> None:
-    """Load a run's best weights into ``model`` to fine-tune or uptrain it; position
-    embeddings are resampled when the patch grid differs (another image size)."""
-    from .checkpoint import WEIGHTS_NAME, load_model_dir
+def transfer_weights(model: VisionTransformer, source: VisionTransformer,
+                     where: str | Path) -> list[str]:
+    """Copy ``source``'s weights into ``model`` to fine-tune it, and return what was adapted.
 
-    source, _ = load_model_dir(directory, WEIGHTS_NAME, "cpu")
-    state = adapt_state_dict(source.state_dict(), source.config, model.config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise VitMqaError(f"--init-from {directory}: weights do not fit the model "
-                          f"({str(e).splitlines()[-1].strip()})") from None
-    model.to(device)
+    Another number of classes gets a freshly initialised head; another image size (patch
+    grid) gets bicubically resampled position embeddings. Another channel count is
+    refused, as is any other difference of shape.
+    """
+    src, dst = source.config, model.config
+    if src.in_channels != dst.in_channels:
+        raise VitMqaError(f"{where} takes {src.in_channels}-channel images and this model "
+                          f"{dst.in_channels}: the patch embedding cannot be reused (convert "
+                          f"the images: --in-channels {src.in_channels})")
+    state = adapt_state_dict(source.state_dict(), src, dst)
+    target = model.state_dict()
+    notices = []
+    if src.grid_size != dst.grid_size and "pos_embed" in state:
+        notices.append(f"position embeddings resampled from a {src.grid_size[0]}x"
+                       f"{src.grid_size[1]} to a {dst.grid_size[0]}x{dst.grid_size[1]} grid")
+    new_head = src.num_classes != dst.num_classes
+    if new_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        target = {k: v for k, v in target.items() if not k.startswith("head.")}
+        notices.append(f"the classification head was re-initialised for {dst.num_classes} "
+                       f"classes (the source has {src.num_classes})")
+    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in state.items()},
+                                 {k: tuple(v.shape) for k, v in target.items()})
+    if mismatch:
+        raise VitMqaError(f"the weights in {where} do not fit this model ({mismatch})")
+    with torch.no_grad():
+        for name, value in state.items():
+            target[name].copy_(value)
+    return notices
 
 
 # ---------------------------------------------------------------- Hugging Face transformers

@@ -19,10 +19,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .attention import GroupedQueryAttention
+from .checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_weights_file,
+    load_weights,
+    read_config,
+    save_weights,
+    write_json,
+)
 from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types, dataclass_from_dict
+from .preprocess import Preprocess, run_classes, run_preprocess
 
 # Bounds on what a config may ask for. A run directory is something people download: its
 # config.json must not be able to make the loader allocate without limit.
@@ -227,10 +238,22 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", license="mit",
+                        pipeline_tag="image-classification",
+                        tags=["vision-transformer", "multi-query-attention"]):
+    """A ViT whose attention has ``num_kv_heads`` shared key/value heads.
+
+    ``preprocess`` turns images into this model's input (a loaded model has its run's
+    normalisation; a new one scales pixels to [-1, 1]) and ``classes`` names its outputs.
+    ModelHubMixin adds ``save_pretrained`` and ``push_to_hub``.
+    """
+
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = c = config
+        self.preprocess = Preprocess(c.image_size, c.in_channels, (0.5,) * c.in_channels,
+                                     (0.5,) * c.in_channels)
+        self.classes = [str(i) for i in range(c.num_classes)]
         self.patch_embed = PatchEmbed(c.in_channels, c.patch_size, c.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pooling == "cls" else None
         num_tokens = c.num_prefix_tokens + c.num_patches
@@ -280,6 +303,7 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(self.config.dim, num_classes, device=old.device, dtype=old.dtype)
         self._init_head()
         self.config.num_classes = num_classes
+        self.classes = [str(i) for i in range(num_classes)]
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters to train without weight decay besides the 1-D ones
@@ -373,19 +397,89 @@ class VisionTransformer(nn.Module):
 
     # ----- Hugging Face-style directories: config.json + model.safetensors -----
 
-    def save_pretrained(self, directory: str | Path, extra_config: dict | None = None) -> None:
-        from .checkpoint import save_model_dir
-
-        save_model_dir(self, directory, extra_config)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Called by ModelHubMixin.save_pretrained / push_to_hub, which add a model card.
+        save_model_dir(self, save_directory)
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, weights: str = "model.safetensors",
-        map_location: str | torch.device = "cpu",
+    def from_pretrained(  # type: ignore[override]
+        cls, pretrained_model_name_or_path: str | Path, *, weights: str = WEIGHTS_NAME,
+        map_location: str | torch.device = "cpu", revision: str | None = None,
+        cache_dir: str | Path | None = None, force_download: bool = False,
+        local_files_only: bool = False, token: str | bool | None = None,
     ) -> VisionTransformer:
-        from .checkpoint import load_model_dir
+        """A model directory or run (``save_pretrained``, ``vit-mqa train``), or a model
+        on the Hugging Face Hub ("user/name", downloaded into the Hub's cache and read
+        from there when offline), in eval mode with its ``preprocess`` and ``classes``."""
+        return load_model_dir(pretrained_model_name_or_path, weights, map_location,
+                              revision=revision, cache_dir=cache_dir,
+                              force_download=force_download,
+                              local_files_only=local_files_only, token=token)[0]
 
-        return load_model_dir(directory, weights, map_location)[0]
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for part in parts for c in part))
+
+
+def resolve_model_dir(name_or_path: str | Path, weights: str = WEIGHTS_NAME,
+                      **hub_options: Any) -> Path:
+    """A local directory as it is; a Hub id ("user/name") that is not a local folder ->
+    the cached snapshot holding its config.json and weights (downloaded if needed)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or not _looks_like_repo_id(str(name_or_path)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, weights],
+                                      **hub_options))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitMqaError(f"{name_or_path} is not a local directory, and the Hugging Face "
+                          f"Hub model of that name could not be fetched ({reason})") from None
+
+
+def save_model_dir(model: VisionTransformer, directory: str | Path,
+                   extra_config: dict[str, Any] | None = None) -> None:
+    """config.json (architecture, preprocessing, class names, ``extra_config``) and
+    model.safetensors, each written atomically."""
+    directory = Path(directory)
+    config = {"model": model.config.to_dict(), "preprocess": model.preprocess.to_dict(),
+              "classes": list(model.classes), **(extra_config or {})}
+    save_weights(model, directory / WEIGHTS_NAME)
+    write_json(directory / CONFIG_NAME, config)
+
+
+def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
+                   map_location: str | torch.device = "cpu", **hub_options: Any
+                   ) -> tuple[VisionTransformer, dict[str, Any]]:
+    """(model in eval mode, full config dict) from a run or model directory, or a Hub
+    model id (``hub_options`` go to ``huggingface_hub.snapshot_download``). The model
+    carries the run's ``preprocess`` and ``classes``."""
+    directory = resolve_model_dir(directory, weights, **hub_options)
+    config = read_config(directory)
+    path = Path(directory) / CONFIG_NAME
+    try:
+        model_config = ViTConfig.from_dict(config["model"])
+    except TypeError as e:
+        raise VitMqaError(f"{path}: malformed model config ({e})") from None
+    except VitMqaError as e:
+        raise VitMqaError(f"{path}: {e}") from None
+    preprocess = run_preprocess(config, model_config.image_size, model_config.in_channels, path)
+    classes = run_classes(config, model_config.num_classes, path)
+    # The config is checked against the weights file's header on a skeleton that holds no
+    # memory, so a config.json that asks for a huge model fails before anything is allocated.
+    with torch.device("meta"):
+        skeleton = VisionTransformer(model_config)
+    check_weights_file(Path(directory) / weights,
+                       {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    model = VisionTransformer(model_config)
+    load_weights(model, Path(directory) / weights, map_location)
+    model.preprocess, model.classes = preprocess, classes
+    return model.to(map_location).eval(), config
 
 
 def count_parameters(model: nn.Module) -> int:

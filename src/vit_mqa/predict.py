@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import WEIGHTS_NAME, load_model_dir
-from .data import list_images, run_classes, run_preprocess
+from .checkpoint import WEIGHTS_NAME
+from .data import list_images
 from .errors import VitMqaError
+from .model import load_model_dir
 from .preprocess import PROCEDURES, ImageInput, prepare
 
 _SINGLE = (str, Path, Image.Image, np.ndarray, torch.Tensor)
@@ -42,16 +43,14 @@ class Predictor:
                  procedure: str | None = None) -> None:
         self.device = torch.device(device)
         self.model, config = load_model_dir(run_dir, weights, self.device)
-        mc = self.model.config
-        where = Path(run_dir) / "config.json"
-        self.preprocess = run_preprocess(config, mc.image_size, mc.in_channels, where)
+        self.preprocess = self.model.preprocess
         if procedure is not None:
             self.preprocess.procedure = procedure
         if self.preprocess.procedure not in PROCEDURES:
             raise VitMqaError(f"unknown preprocessing procedure "
                               f"{self.preprocess.procedure!r}: use one of "
                               f"{', '.join(PROCEDURES)}")
-        self.classes: list[str] = run_classes(config, mc.num_classes, where)
+        self.classes: list[str] = self.model.classes
         self.batch_size = batch_size
 
     @property

@@ -16,15 +16,21 @@ Two layers:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import os
 import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from .errors import VitMqaError
+from .errors import MAX_IMAGE_SIDE, VitMqaError
 
 RESIZES = ("stretch", "pad", "center-crop")
 PROCEDURES = (*RESIZES, "mnist", "fashion-mnist")
@@ -449,3 +455,137 @@ def prepare(source: ImageInput, image_size: tuple[int, int], in_channels: int,
         array = fashion_normalize(img, image_size, name)
     tensor = torch.from_numpy(array).unsqueeze(0)
     return tensor.expand(in_channels, -1, -1).contiguous()
+
+
+# ---------------------------------------------------------------- model input
+
+
+@dataclass
+class Preprocess:
+    """How raw pixels become model input; saved with every run so that prediction
+    sees exactly what training saw."""
+
+    image_size: tuple[int, int]
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "stretch"  # images of another size are resized to image_size (bilinear)
+    # What prediction does to people's images first (see preprocess.PROCEDURES): "mnist" or
+    # "fashion-mnist" for those datasets, else the resize. Configs without it: "stretch".
+    procedure: str = "stretch"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """From config.json's "preprocess", every field checked (it may come from a file
+        someone downloaded)."""
+        if not isinstance(d, dict):
+            raise VitMqaError(f"\"preprocess\" must be an object, got {type(d).__name__}")
+        missing = [k for k in ("image_size", "in_channels", "mean", "std") if k not in d]
+        if missing:
+            raise VitMqaError(f"\"preprocess\" has no {', '.join(missing)}")
+        size, channels = d["image_size"], d["in_channels"]
+        if not (isinstance(size, list) and len(size) == 2 and all(
+                _is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in size)):
+            raise VitMqaError(f"preprocess.image_size must be [height, width], each 1 to "
+                              f"{MAX_IMAGE_SIDE}, got {size!r}")
+        if not (_is_int(channels) and channels in (1, 3)):
+            raise VitMqaError(f"preprocess.in_channels must be 1 or 3, got {channels!r}")
+        for key in ("mean", "std"):
+            values = d[key]
+            if not (isinstance(values, list) and len(values) == channels and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values)):
+                raise VitMqaError(f"preprocess.{key} must be {channels} finite number(s), "
+                                  f"got {values!r}")
+        if not all(v > 0 for v in d["std"]):
+            raise VitMqaError(f"preprocess.std must be > 0, got {d['std']!r}")
+        resize, procedure = d.get("resize", "stretch"), d.get("procedure", "stretch")
+        if not (isinstance(resize, str) and isinstance(procedure, str)):
+            raise VitMqaError("preprocess.resize and preprocess.procedure must be names")
+        return cls((size[0], size[1]), channels, tuple(float(v) for v in d["mean"]),
+                   tuple(float(v) for v in d["std"]), resize, procedure)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1] (B, C, H, W) -> normalised model input."""
+        mean, std = _channel_stats(tuple(self.mean), tuple(self.std), images.device,
+                                   images.dtype)
+        return (images - mean) / std
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> model input (B, C, H, W), as in training.
+
+        A 4-D tensor is a batch already at the model's size: uint8 in 0-255 (as the
+        datasets store pixels) or float in [0, 1]. Anything else, one picture or a list
+        (paths, PIL images, numpy arrays, 2-D/3-D tensors), goes through the recorded
+        procedure first (:func:`prepare`), as ``vit-mqa predict`` does.
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            batch = images
+        else:
+            items = images if isinstance(images, (list, tuple)) else [images]
+            if not items:
+                raise VitMqaError("no images given")
+            batch = torch.stack([prepare(item, tuple(self.image_size), self.in_channels,
+                                         self.procedure) for item in items])
+        if tuple(batch.shape[1:]) != (self.in_channels, *self.image_size):
+            raise VitMqaError(f"expected images of shape (B, {self.in_channels}, "
+                              f"{self.image_size[0]}, {self.image_size[1]}), got "
+                              f"{tuple(batch.shape)}")
+        if batch.dtype == torch.uint8:
+            return self.normalize(batch.float().div_(255.0))
+        return self.normalize(batch.float())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def run_preprocess(config: dict[str, Any], image_size: tuple[int, int], in_channels: int,
+                   where: str | Path) -> Preprocess:
+    """A run's recorded preprocessing, checked against the model it goes with; a bare
+    model directory without one gets plain [-1, 1] scaling."""
+    if "preprocess" not in config:
+        return Preprocess(tuple(image_size), in_channels, (0.5,) * in_channels,
+                          (0.5,) * in_channels)
+    try:
+        pre = Preprocess.from_dict(config["preprocess"])
+    except VitMqaError as e:
+        raise VitMqaError(f"{where}: {e}") from None
+    data = config.get("data")
+    dataset = data.get("dataset") if isinstance(data, dict) else None
+    if "procedure" not in config["preprocess"] and dataset in ("mnist", "fashion-mnist"):
+        # A run saved before the procedure was recorded: people's drawings and photos need
+        # the dataset's own normalisation, not a plain stretch.
+        pre.procedure = dataset
+    if tuple(pre.image_size) != tuple(image_size) or pre.in_channels != in_channels:
+        raise VitMqaError(f"{where}: preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
+                          f"{pre.image_size[1]} images, the model takes {in_channels}x"
+                          f"{image_size[0]}x{image_size[1]}")
+    return pre
+
+
+def run_classes(config: dict[str, Any], num_classes: int, where: str | Path) -> list[str]:
+    """A run's class names (default "0", "1", ...), one per model output."""
+    classes = config.get("classes")
+    if classes is None or classes == []:
+        return [str(i) for i in range(num_classes)]
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise VitMqaError(f"{where}: \"classes\" must be a list of names")
+    if len(classes) != num_classes:
+        raise VitMqaError(f"{where}: config lists {len(classes)} classes but the model has "
+                          f"{num_classes} outputs")
+    return classes
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device, not per batch: on a GPU each would be a host-to-device copy.
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))

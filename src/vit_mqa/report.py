@@ -31,11 +31,12 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import METRICS_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text
-from .data import Preprocess, Split
+from .data import Split
 from .distributed import pick_device
 from .errors import VitMqaError
 from .evaluate import classification_report, evaluate, load_run
 from .explain import attention_rollout, layer_attention, overlay
+from .preprocess import Preprocess
 
 REPORT_DIR = "report"
 DPI = 110

@@ -47,11 +47,13 @@ from .checkpoint import (
     save_weights,
     write_json,
 )
-from .data import DATASETS, Data, DataConfig, Preprocess, Split, load_data, locate_idx_dataset
+from .data import DATASETS, Data, DataConfig, Split, load_data, locate_idx_dataset
 from .distributed import DistContext, all_reduce_sum
 from .errors import VitMqaError, check_field_types
 from .evaluate import confusion_matrix, predict_logits, report_from_confusion
+from .interop import transfer_weights
 from .model import VisionTransformer, ViTConfig, count_parameters
+from .preprocess import Preprocess
 from .presets import DEFAULT_PRESET, PRESETS
 from .tensorboard_log import TensorBoardLogger
 
@@ -80,6 +82,14 @@ class TrainConfig:
     # the test score use the average.
     ema_decay: float = 0.0
     tensorboard: bool = False  # also log scalars to RUN/tensorboard/ (needs tensorboard)
+    # Fine-tuning. freeze_backbone trains only the classification head (a linear probe).
+    # layer_decay < 1 scales each block's learning rate by layer_decay ** (blocks above it
+    # + 1), the head keeping lr (Clark et al. 2020; BEiT). init_normalization, with
+    # --init-from: "source" normalises inputs with the pretrained model's mean and std,
+    # "data" recomputes them from this data.
+    freeze_backbone: bool = False
+    layer_decay: float = 1.0
+    init_normalization: str = "source"
 
     def validate(self) -> None:
         check_field_types(self, "train")
@@ -106,6 +116,11 @@ class TrainConfig:
             raise VitMqaError(f"max_steps must be >= 0, got {self.max_steps}")
         if not 0 <= self.ema_decay < 1:
             raise VitMqaError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 < self.layer_decay <= 1:
+            raise VitMqaError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.init_normalization not in ("source", "data"):
+            raise VitMqaError(f"init_normalization must be 'source' or 'data', got "
+                              f"{self.init_normalization!r}")
 
 
 SECTIONS: dict[str, type] = {
@@ -201,25 +216,47 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
     return config
 
 
+def layer_index(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
+    if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
 def make_optimizer(model: VisionTransformer, cfg: TrainConfig,
                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW; no weight decay on 1-D parameters (biases, norms) nor on those the model's
-    ``no_weight_decay()`` names (position embeddings, the CLS token)."""
+    """AdamW over the trainable parameters; no weight decay on 1-D parameters (biases,
+    norms) nor on those the model's ``no_weight_decay()`` names (position embeddings, the
+    CLS token). With ``layer_decay`` < 1, one group per layer with its scaled lr."""
     skip = model.no_weight_decay()
-    decay, no_decay = [], []
+    depth = len(model.blocks)
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if p.ndim < 2 or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        layer = layer_index(name, depth) if cfg.layer_decay < 1 else 0
+        groups.setdefault((layer, not (p.ndim < 2 or name in skip)), []).append(p)
+    # Layers in order, decayed before undecayed within one: a stable group order, which
+    # resuming relies on.
+    param_groups = []
+    for layer, decayed in sorted(groups, key=lambda key: (key[0], not key[1])):
+        scale = cfg.layer_decay ** (depth + 1 - layer) if cfg.layer_decay < 1 else 1.0
+        param_groups.append({"params": groups[(layer, decayed)], "lr": cfg.lr * scale,
+                             "weight_decay": cfg.weight_decay if decayed else 0.0})
     kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (0.9, cfg.beta2)}
     try:
         # The fused kernel updates every tensor in one pass (CPU and CUDA, torch >= 2.4).
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=device.type != "cpu", **kwargs)
+        return torch.optim.AdamW(param_groups, foreach=device.type != "cpu", **kwargs)
+
+
+def freeze_backbone(model: VisionTransformer) -> None:
+    """Train only the classification head: every other parameter stops taking gradients."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head."))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -354,6 +391,8 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
            data: Data | None, quiet: bool, data_cfg: DataConfig, aug_cfg: AugmentConfig,
            train_cfg: TrainConfig, ctx: DistContext, device: torch.device,
            on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+    saved_preprocess = read_config(run_dir).get("preprocess") if resume and (
+        run_dir / CONFIG_NAME).is_file() else None
     say = _log if ctx.is_main and not quiet else (lambda m: None)
     if train_cfg.batch_size % ctx.world_size:
         raise VitMqaError(f"batch_size {train_cfg.batch_size} is not divisible by the "
@@ -370,16 +409,28 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         if must_download and ctx.is_main:
             distributed.barrier(ctx)
     pre = data.preprocess
+    source = VisionTransformer.from_pretrained(init_from) if init_from is not None else None
+    if (source is not None and train_cfg.init_normalization == "source"
+            and source.config.in_channels == pre.in_channels):
+        # The pretrained weights expect their own input statistics.
+        pre = dataclasses.replace(pre, mean=source.preprocess.mean, std=source.preprocess.std)
+    elif resume and isinstance(saved_preprocess, dict):
+        saved = Preprocess.from_dict(saved_preprocess)
+        if saved.in_channels == pre.in_channels:  # e.g. a fine-tuning run's source statistics
+            pre = dataclasses.replace(pre, mean=saved.mean, std=saved.std)
     model_fields = dict(config["model"], image_size=list(pre.image_size),
                         in_channels=pre.in_channels, num_classes=len(data.classes))
     model_cfg = ViTConfig.from_dict(model_fields)
     config["model"] = model_cfg.to_dict()
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
-    model = VisionTransformer(model_cfg).to(device)
-    if init_from is not None:
-        from .interop import load_init_weights
-
-        load_init_weights(model, init_from, device)
+    model = VisionTransformer(model_cfg)
+    if source is not None:
+        for notice in transfer_weights(model, source, init_from):
+            if ctx.is_main:
+                print(f"vit-mqa: note: {notice}", file=sys.stderr)
+    if train_cfg.freeze_backbone:
+        freeze_backbone(model)
+    model.to(device)
 
     steps_per_epoch = len(data.train) // train_cfg.batch_size
     if steps_per_epoch < 1:
@@ -514,7 +565,7 @@ def _train(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
             "train_accuracy": totals[1].item() / seen_all,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": max(group["lr"] for group in optimizer.param_groups),
             "images_per_s": seen_all / train_time,
             "epoch_time_s": time.perf_counter() - epoch_start,
             "elapsed_s": time.perf_counter() - started,
