@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU throughput tables, as one prepared run: `vit-mqa bench` on CUDA with bf16 autocast,
+# The GPU throughput tables, as one prepared run: `benchmarks/throughput.py` on CUDA with bf16 autocast,
 # first every implementation eagerly (all shapes, plus scaling and levers), then compiled.
 # Usage: benchmarks/gpu.sh OUT_DIR. Needs vit-mqa importable (pip install -e . or
 # PYTHONPATH=src) and, for the peers, transformers and vit-pytorch.
@@ -12,15 +12,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
   | tee "$out/gpu.txt"
 "$py" -c "import torch, sys; print(torch.__version__, torch.version.cuda, sys.version)" \
   | tee -a "$out/gpu.txt"
-timeout "${EAGER_LIMIT:-260}" "$py" -m vit_mqa bench --device cuda --scaling \
+timeout "${EAGER_LIMIT:-260}" "$py" "$(dirname "$0")/throughput.py" --device cuda --scaling \
   --impls vit-mqa-mqa,vit-mqa-gqa,vit-mqa-mha,vit-pytorch,hf-vit \
-  --json "$out/eager.json" --markdown "$out/eager.md" >/dev/null
+  --json-out "$out/eager.json" --markdown-out "$out/eager.md" >/dev/null
 echo "eager: exit $?"
-timeout "${LEVERS_LIMIT:-90}" "$py" -m vit_mqa bench --device cuda --shapes vit-ti-32 \
+timeout "${LEVERS_LIMIT:-90}" "$py" "$(dirname "$0")/throughput.py" --device cuda --shapes vit-ti-32 \
   --impls vit-mqa-mqa --levers --repeats 3 --min-time 0.3 \
-  --json "$out/levers.json" --markdown "$out/levers.md" >/dev/null
+  --json-out "$out/levers.json" --markdown-out "$out/levers.md" >/dev/null
 echo "levers: exit $?"
-timeout "${COMPILED_LIMIT:-200}" "$py" -m vit_mqa bench --device cuda --compile \
+timeout "${COMPILED_LIMIT:-200}" "$py" "$(dirname "$0")/throughput.py" --device cuda --compile \
   --shapes mnist-fast,vit-ti-32 --impls vit-mqa-mqa,hf-vit,vit-pytorch --repeats 3 \
-  --min-time 0.3 --json "$out/compiled.json" --markdown "$out/compiled.md" >/dev/null
+  --min-time 0.3 --json-out "$out/compiled.json" --markdown-out "$out/compiled.md" >/dev/null
 echo "compiled: exit $?"

@@ -2,8 +2,9 @@
 
 Reads only committed records (nothing is measured here):
 
-- ``benchmarks/results/cpu/table.json`` (``vit-mqa bench --scaling``): parameters and
-  inference images/s of the default model shape (``mnist-fast``) with 1, 2 and 4 K/V heads;
+- ``benchmarks/results/cpu/table.json`` (``python benchmarks/throughput.py --scaling``):
+  parameters and inference images/s of the default model shape (``mnist-fast``) with 1, 2
+  and 4 K/V heads;
 - ``benchmarks/results/tta/{mqa,gqa,gqa-s1,mha,mha-s1}.json``
   (``benchmarks/time_to_accuracy.py --preset mnist-fast [--set num_kv_heads=N]``): images/s
   over whole 10-epoch training runs and the MNIST test accuracy they reached.

@@ -102,6 +102,6 @@ def test_the_package_exports_the_public_api():
                  "VitMqaError", "Predictor", "train", "build_config", "load_external",
                  "convert_kv_heads", "export_onnx", "attention_rollout"):
         assert name in vit_mqa.__all__ and getattr(vit_mqa, name) is not None, name
-    importlib.import_module("vit_mqa.train")  # the submodule must not replace the function
+    importlib.import_module("vit_mqa.training")
     assert callable(vit_mqa.train) and vit_mqa.train.__name__ == "train"
     assert isinstance(vit_mqa.ViTConfig(), ViTConfig)

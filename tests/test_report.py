@@ -14,8 +14,9 @@ from PIL import Image
 
 from tests.conftest import run_cli, write_image_folder
 from vit_mqa import cli
+from vit_mqa.config import build_config
 from vit_mqa.report import confident_mistakes, sample_indices, write_report
-from vit_mqa.train import build_config, train
+from vit_mqa.training import train
 
 pytest.importorskip("matplotlib")
 

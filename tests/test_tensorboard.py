@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from vit_mqa import cli
+from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, Split, load_data
-from vit_mqa.train import build_config, train
+from vit_mqa.training import train
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402

@@ -6,11 +6,12 @@ import torch
 from tests.conftest import write_image_folder
 from vit_mqa.augment import AugmentConfig
 from vit_mqa.checkpoint import load_weights
+from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, Split, load_data
 from vit_mqa.errors import VitMqaError
 from vit_mqa.evaluate import evaluate
 from vit_mqa.model import VisionTransformer, ViTConfig
-from vit_mqa.train import build_config, lr_factor, train
+from vit_mqa.training import lr_factor, train
 
 TINY = {"dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 2, "batch_size": 32,
         "val_size": 200, "eval_batch_size": 500}
@@ -178,7 +179,8 @@ def test_resume_of_something_else_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(pooling="mean", pos_embed="sincos2d")])
 def test_optimizer_skips_weight_decay_on_1d_params_and_the_models_list(kw):
-    from vit_mqa.train import TrainConfig, make_optimizer
+    from vit_mqa.config import TrainConfig
+    from vit_mqa.training import make_optimizer
 
     model = VisionTransformer(ViTConfig(depth=2, dim=32, qk_norm=True, **kw))
     optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
@@ -293,7 +295,8 @@ def test_compile_without_a_compiler_falls_back_to_the_eager_result(data_root, tm
 
 
 def test_layer_decay_gives_each_layer_its_learning_rate_and_freezing_trains_the_head_only():
-    from vit_mqa.train import TrainConfig, freeze_backbone, make_optimizer
+    from vit_mqa.config import TrainConfig
+    from vit_mqa.training import freeze_backbone, make_optimizer
 
     model = VisionTransformer(ViTConfig(dim=32, depth=2, num_heads=4))
     cfg = TrainConfig(lr=1.0, layer_decay=0.5)
@@ -331,7 +334,7 @@ def test_fine_tune_an_imported_hf_vit_on_a_folder_of_other_classes(tmp_path):
     assert run_cli("import", str(tmp_path / "hf"), str(imported)).returncode == 0
     folder = write_image_folder(tmp_path / "folder", per_class=24, size=(24, 24), mode="RGB")
     common = ["--dataset", str(folder), "--init-from", str(imported), "--batch-size", "8",
-              "--quiet"]
+              "--image-size", "24", "--quiet"]
 
     probe = run_cli("train", *common, "--out", str(tmp_path / "probe"), "--epochs", "1",
                     "--freeze-backbone")
@@ -371,18 +374,21 @@ def test_fine_tune_an_imported_hf_vit_on_a_folder_of_other_classes(tmp_path):
     assert mean != [0.5] * 3
 
 
-def test_init_from_a_grayscale_run_refuses_rgb_data_and_names_the_option(tmp_path, tiny_run):
+def test_init_from_reads_a_folder_at_the_source_size_and_refuses_other_channels(tmp_path,
+                                                                                tiny_run):
     from tests.conftest import run_cli
 
-    folder = write_image_folder(tmp_path / "rgb", per_class=12, mode="RGB")
-    result = run_cli("train", "--dataset", str(folder), "--init-from", str(tiny_run),
-                     "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8",
-                     "--quiet")
+    folder = write_image_folder(tmp_path / "rgb", per_class=12, mode="RGB", size=(40, 40))
+    args = ["train", "--dataset", str(folder), "--init-from", str(tiny_run), "--epochs", "1",
+            "--batch-size", "8", "--quiet"]
+    result = run_cli(*args, "--out", str(tmp_path / "run"), "--in-channels", "3")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"vit-mqa: error: {tiny_run} takes 1-channel images and this model 3: the patch "
         "embedding cannot be reused (convert the images: --in-channels 1)"]
-    fixed = run_cli("train", "--dataset", str(folder), "--init-from", str(tiny_run),
-                    "--out", str(tmp_path / "run2"), "--epochs", "1", "--batch-size", "8",
-                    "--in-channels", "1", "--quiet")
-    assert fixed.returncode == 0, fixed.stderr
+    source = json.loads((tiny_run / "config.json").read_text())["model"]
+    ok = run_cli(*args, "--out", str(tmp_path / "run2"))  # unset: the source's 16x16, gray
+    assert ok.returncode == 0, ok.stderr
+    config = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert config["model"]["image_size"] == source["image_size"]
+    assert config["model"]["in_channels"] == 1 and config["data"]["in_channels"] == 1

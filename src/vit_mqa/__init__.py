@@ -1,19 +1,48 @@
-"""vit-mqa: Vision Transformers with multi-query and grouped-query attention."""
+"""vit-mqa: Vision Transformers with multi-query and grouped-query attention.
+
+The public names are importable from here; each is imported on first use, so that
+``import vit_mqa`` (and ``vit-mqa --help``) does not load torch until it is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# Imported eagerly: beyond torch these cost about 3 % of `import vit_mqa`. Eagerly also
-# keeps `vit_mqa.train` the function: a lazy import would let the submodule of the same
-# name take its place whenever some other module imported it first.
-from .attention import GroupedQueryAttention  # noqa: E402
-from .errors import VitMqaError  # noqa: E402
-from .explain import attention_rollout  # noqa: E402
-from .factory import create_model  # noqa: E402
-from .interop import convert_kv_heads, export_onnx, load_external  # noqa: E402
-from .model import VisionTransformer, ViTConfig  # noqa: E402
-from .predict import Predictor  # noqa: E402
-from .train import build_config, train  # noqa: E402
+# public name -> the module that defines it. The training function lives in
+# `vit_mqa.training`, so that no submodule is called `train` and can take its place here.
+_EXPORTS = {
+    "AugmentConfig": "config",
+    "DataConfig": "config",
+    "GroupedQueryAttention": "attention",
+    "Predictor": "predict",
+    "Preprocess": "preprocess",
+    "TrainConfig": "config",
+    "ViTConfig": "config",
+    "VisionTransformer": "model",
+    "VitMqaError": "errors",
+    "attention_rollout": "explain",
+    "build_config": "config",
+    "convert_kv_heads": "interop",
+    "create_model": "factory",
+    "export_onnx": "interop",
+    "load_external": "interop",
+    "train": "training",
+}
 
-__all__ = ["GroupedQueryAttention", "Predictor", "ViTConfig", "VisionTransformer",
-           "VitMqaError", "__version__", "attention_rollout", "build_config",
-           "convert_kv_heads", "create_model", "export_onnx", "load_external", "train"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vit_mqa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -13,7 +13,7 @@ matrix product one large GEMM per K/V head instead of ``G`` small ones.
 
 Off CUDA, sequences of at most ``explicit_max_tokens`` keys (an attribute of each
 layer, 32 by default) take three plain products instead of the fused kernel (faster
-there; measured by ``vit-mqa bench --levers``); both paths are tested to agree.
+there; measured by ``python benchmarks/throughput.py --levers``); both paths are tested to agree.
 ``attention_weights(x)`` computes a layer's probabilities on their own, for
 explanations; the ordinary forward returns only the output.
 """
@@ -95,7 +95,8 @@ class GroupedQueryAttention(nn.Module):
         """softmax(q k^T / sqrt(hd)) v over (..., L, hd) x (..., S, hd)."""
         drop = self.attn_drop if self.training else 0.0
         # Off CUDA, with few keys, three plain products beat the fused kernel, whose tiling
-        # is built for long sequences (`vit-mqa bench --levers`; docs/benchmarks.md, "Levers").
+        # is built for long sequences (`python benchmarks/throughput.py --levers`;
+        # docs/benchmarks.md, "Levers").
         if q.device.type == "cuda" or k.shape[-2] > self.explicit_max_tokens:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -10,52 +10,11 @@ so that a seed fixes it and a checkpoint can store its state.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .errors import VitMqaError, check_field_types
-
-
-@dataclass
-class AugmentConfig:
-    """The "augment" part of config.json; all zeros/ones switches it off."""
-
-    rotate: float = 10.0  # max rotation, degrees, uniform in [-rotate, rotate]
-    scale_min: float = 0.9  # isotropic zoom, uniform in [scale_min, scale_max]
-    scale_max: float = 1.1
-    translate: float = 0.1  # max shift as a fraction of height / width
-    hflip: float = 0.0  # probability of a horizontal flip (clothing, not digits)
-    erase: float = 0.0  # probability of erasing one random rectangle to background (0)
-    erase_min_area: float = 0.02  # the rectangle's share of the image, uniform in [min, max]
-    erase_max_area: float = 0.33
-    erase_ratio: float = 3.3  # its aspect ratio, log-uniform in [1/ratio, ratio]
-
-    def validate(self) -> None:
-        check_field_types(self, "augment")
-        if not (0 <= self.rotate <= 360 and 0 <= self.translate <= 1):
-            raise VitMqaError(f"need rotate in [0, 360] degrees and translate in [0, 1], got "
-                              f"{self.rotate}, {self.translate}")
-        if not (0 <= self.hflip <= 1 and 0 <= self.erase <= 1):
-            raise VitMqaError(f"hflip and erase are probabilities in [0, 1], got "
-                              f"{self.hflip}, {self.erase}")
-        if not 0 < self.erase_min_area <= self.erase_max_area <= 1 or self.erase_ratio < 1:
-            raise VitMqaError(
-                f"need 0 < erase_min_area <= erase_max_area <= 1 and erase_ratio >= 1, got "
-                f"{self.erase_min_area}, {self.erase_max_area}, {self.erase_ratio}")
-        if not 0 < self.scale_min <= self.scale_max <= 100:
-            raise VitMqaError(
-                f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}"
-            )
-
-    @property
-    def affine(self) -> bool:
-        return self.rotate > 0 or self.translate > 0 or self.scale_min != 1 or self.scale_max != 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.affine or self.hflip > 0 or self.erase > 0
+from .config import AugmentConfig
 
 
 def augment(images: torch.Tensor, config: AugmentConfig,

@@ -18,12 +18,14 @@ a half-written file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +41,22 @@ LAST_WEIGHTS_NAME = "last.safetensors"
 STATE_NAME = "training_state.pt"
 METRICS_NAME = "metrics.jsonl"
 RESULTS_NAME = "results.json"
-# What training_state.pt must hold to resume (plus "ema" when the run averages weights).
-TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch", "step",
-                       "best_val_accuracy", "best_epoch")
+
+
+@dataclass
+class TrainingProgress:
+    """The counters of a run, saved in training_state.pt beside the module states
+    (STATE_MODULES) after every epoch, and restored on --resume."""
+
+    epoch: int = 0  # finished epochs
+    step: int = 0  # optimizer steps so far
+    best_val_accuracy: float = -1.0
+    best_epoch: int = -1  # the epoch whose weights are model.safetensors (-1: none yet)
+    elapsed_s: float = 0.0  # training seconds, cumulative over resumes
+
+
+# The state_dicts saved beside the counters ("ema" only when the run averages weights).
+STATE_MODULES = ("model", "optimizer", "scheduler", "ema")
 
 # mkstemp creates files readable by the owner only; give written files the usual mode.
 _UMASK = os.umask(0)
@@ -248,11 +263,14 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def save_training_state(path: str | Path, modules: dict[str, Any],
+                        progress: TrainingProgress) -> None:
+    """``modules``: state_dicts named as in STATE_MODULES."""
+    atomic_write(path, lambda tmp: torch.save({**modules, **dataclasses.asdict(progress)}, tmp))
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
+def load_training_state(path: str | Path) -> tuple[dict[str, Any], TrainingProgress]:
+    """(module state_dicts, counters) from training_state.pt, every part checked."""
     path = Path(path)
     if not path.is_file():
         raise VitMqaError(f"cannot resume: {path} does not exist")
@@ -263,7 +281,10 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise VitMqaError(f"cannot resume: {path} holds a {type(state).__name__}, "
                           "not a training state")
-    missing = [k for k in TRAINING_STATE_KEYS if k not in state]
+    # elapsed_s is optional: runs saved before it was recorded resume from 0 s.
+    required = [*STATE_MODULES[:3], *(f.name for f in dataclasses.fields(TrainingProgress)
+                                      if f.name != "elapsed_s")]
+    missing = [k for k in required if k not in state]
     if missing:
         raise VitMqaError(f"cannot resume: {path} has no {', '.join(missing)}")
     counters = ("epoch", "step", "best_epoch")
@@ -271,9 +292,15 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
                for k in counters):
         raise VitMqaError(f"cannot resume: {path} has malformed counters "
                           f"({', '.join(f'{k}={state[k]!r}' for k in counters)})")
-    elapsed = state.get("elapsed_s", 0.0)
-    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not elapsed >= 0:
-        raise VitMqaError(f"cannot resume: {path} has a malformed elapsed_s ({elapsed!r})")
-    if not all(isinstance(state[k], dict) for k in ("model", "optimizer", "scheduler")):
+    for key in ("elapsed_s", "best_val_accuracy"):
+        value = state.get(key, 0.0)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not value >= (0 if key == "elapsed_s" else -1)):
+            raise VitMqaError(f"cannot resume: {path} has a malformed {key} ({value!r})")
+    if not all(isinstance(state[k], dict) for k in STATE_MODULES[:3]):
         raise VitMqaError(f"cannot resume: {path} has malformed model or optimizer state")
-    return state
+    modules = {k: state[k] for k in STATE_MODULES if k in state}
+    progress = TrainingProgress(state["epoch"], state["step"],
+                                float(state["best_val_accuracy"]), state["best_epoch"],
+                                float(state.get("elapsed_s", 0.0)))
+    return modules, progress

@@ -27,16 +27,27 @@ _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
                            "int | None": int, "str | None": str, "float | None": float}
 
 
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "dataset": "NAME_OR_FOLDER",
+             "data_dir": "DIR", "device": "DEVICE"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
         self.exit(2, f"vit-mqa: error: {message}\n")
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    from .train import DERIVED_MODEL_FIELDS, SECTIONS
+    """One flag per setting of every config section, documented by the setting's own
+    documentation, showing the default a plain `vit-mqa train` uses (the default preset's)."""
+    from .config import CHOICES, DERIVED_MODEL_FIELDS, SECTIONS, build_config, field_docs
+    from .presets import DEFAULT_PRESET
 
+    defaults = build_config(DEFAULT_PRESET)
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} settings (override the preset)")
+        group = parser.add_argument_group(
+            f"{section} settings (shown: the {DEFAULT_PRESET} preset's value; --preset, "
+            "--config and these flags override it)")
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             if section == "model" and f.name in DERIVED_MODEL_FIELDS:
                 continue
@@ -44,12 +55,38 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             kind = _TYPES.get(str(f.type))
             if kind is None:
                 raise TypeError(f"no flag type for {section}.{f.name}: {f.type}")
+            default = defaults[section][f.name]
+            shown = "unset" if default is None else default
+            text = f"{docs[f.name]} (default: {shown})".replace("%", "%%")
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=f"(default {f.default})")
+                                   default=argparse.SUPPRESS, help=text)
             else:
+                choices = CHOICES.get(f.name)
+                metavar = ("{" + ",".join(choices) + "}" if choices else
+                           _METAVARS.get(f.name) or _METAVARS[kind.__name__])
                 group.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                   metavar=f.name.upper(), help=f"(default {f.default})")
+                                   choices=choices, metavar=metavar, help=text)
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), "
+                        "cpu, cuda, cuda:N, mps (default: auto)")
+
+
+def _add_top_k(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--top-k", type=int, default=5, metavar="K",
+                        help="how many of the likeliest classes to show (default: 5)")
+
+
+def _add_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", choices=("best", "last"), default="best",
+                        help="the best epoch's weights by validation accuracy, or the last "
+                        "epoch's (default: best)")
+
+
+def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vit-mqa {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, title="commands",
                                 metavar="COMMAND")
+    run_dir = {"metavar": "RUN_DIR", "help": "a training run's folder, or a model folder "
+               "(config.json + model.safetensors), or a Hugging Face Hub model id"}
+    procedures = ("stretch", "pad", "center-crop", "mnist", "fashion-mnist")
 
     t = sub.add_parser("train", help="train a model; writes a run directory")
-    t.add_argument("--preset", help="named recipe (see `vit-mqa presets`); default mnist-fast")
+    from .presets import DEFAULT_PRESET, PRESETS
+
+    t.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
+                   help=f"named recipe: {', '.join(PRESETS)} (`vit-mqa presets` shows them; "
+                   f"default: {DEFAULT_PRESET})")
     t.add_argument("--config", metavar="FILE", help="JSON file with model/data/augment/train "
                    "sections, layered over the preset")
-    t.add_argument("--out", metavar="DIR", help="run directory (default runs/PRESET-TIME)")
+    t.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIME)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last epoch")
     t.add_argument("--init-from", metavar="RUN_DIR", help="fine-tune: start from a run's or "
                    "model directory's weights (or a Hugging Face Hub model id); another number "
@@ -73,34 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(t)
 
     e = sub.add_parser("eval", help="test accuracy, per-class accuracy, confusion matrix")
-    e.add_argument("run_dir", metavar="RUN_DIR")
-    e.add_argument("--split", choices=("test", "val"), default="test")
-    e.add_argument("--weights", choices=("best", "last"), default="best")
-    e.add_argument("--data-dir", help="where the dataset files are (default: lookup order)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("run_dir", **run_dir)
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="which split to score (default: test)")
+    _add_weights(e)
+    e.add_argument("--data-dir", help="where the dataset files are (default: the run's, then "
+                   "the lookup order)")
+    _add_device(e)
+    _add_json(e, "the report")
 
     r = sub.add_parser("report", help="figures of a run (curves, confusion matrix, mistakes, "
                        "attention) and an index.html, in RUN_DIR/report")
-    r.add_argument("run_dir", metavar="RUN_DIR")
-    r.add_argument("--weights", choices=("best", "last"), default="best")
-    r.add_argument("--data-dir", help="where the dataset files are (default: lookup order)")
-    r.add_argument("--device", default="auto")
+    r.add_argument("run_dir", **run_dir)
+    _add_weights(r)
+    r.add_argument("--data-dir", help="where the dataset files are (default: the run's, then "
+                   "the lookup order)")
+    _add_device(r)
     r.add_argument("--samples", type=int, default=10, help="test images in the attention "
-                   "figures (default 10)")
-    r.add_argument("--seed", type=int, default=0, help="chooses the sample images")
+                   "figures (default: 10)")
+    r.add_argument("--seed", type=int, default=0, help="chooses the sample images (default: 0)")
 
     p = sub.add_parser("predict", help="classify image files or folders of images")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--weights", choices=("best", "last"), default="best")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.add_argument("run_dir", **run_dir)
+    p.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+",
+                   help="image files, or folders searched for them")
+    _add_top_k(p)
+    _add_weights(p)
+    _add_device(p)
+    _add_json(p, "the predictions")
     p.add_argument("--raw", action="store_true", help="images already in the dataset's "
                    "format: only stretch them to the model's size, skip the run's procedure")
-    p.add_argument("--procedure", choices=("stretch", "pad", "center-crop", "mnist",
-                                           "fashion-mnist"),
+    p.add_argument("--procedure", choices=procedures,
                    help="override the run's recorded preprocessing (runs saved before it "
                    "was recorded use stretch)")
 
@@ -108,62 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
                        "-> a vit-mqa model directory (multi-head)")
     i.add_argument("source", metavar="SRC", help="HF directory (config.json + weights) or a "
                    "timm .safetensors/.pth file")
-    i.add_argument("dest", metavar="DST")
-    i.add_argument("--num-heads", type=int, help="timm only: heads (default dim // 64)")
+    i.add_argument("dest", metavar="DST", help="the model directory to write (new or empty)")
+    i.add_argument("--num-heads", type=int, help="timm only: heads (default: dim // 64)")
     i.add_argument("--image-size", type=int, nargs="+", metavar="N",
                    help="target image size (H [W]); position embeddings are resampled")
 
     c = sub.add_parser("convert", help="mean-pool K/V heads: multi-head -> grouped/multi-query")
     c.add_argument("source", metavar="SRC", help="run or model directory")
-    c.add_argument("dest", metavar="DST")
+    c.add_argument("dest", metavar="DST", help="the model directory to write (new or empty)")
     c.add_argument("--kv-heads", type=int, required=True, help="K/V heads after conversion")
 
     x = sub.add_parser("export", help="ONNX export with a dynamic batch, checked with "
-                       "onnxruntime")
-    x.add_argument("run_dir", metavar="RUN_DIR")
-    x.add_argument("output", metavar="OUT.onnx")
-    x.add_argument("--weights", choices=("best", "last"), default="best")
-    x.add_argument("--opset", type=int, default=18)
-
-    b = sub.add_parser("bench", help="training and inference throughput beside vit-pytorch "
-                       "and Hugging Face ViT, at equal shapes; markdown and JSON")
-    b.add_argument("--shapes", default="mnist-fast,vit-ti-32,vit-s-224",
-                   help="comma-separated: mnist-fast, vit-ti-32, vit-s-224")
-    b.add_argument("--impls", default="vit-mqa-mqa,vit-mqa-gqa,vit-mqa-mha,vit-mqa-mqa+compile,"
-                   "vit-pytorch,hf-vit", help="comma-separated implementations")
-    b.add_argument("--modes", default="train,infer", help="train, infer or both")
-    b.add_argument("--batch-size", type=int, help="training batch (default per shape/device)")
-    b.add_argument("--infer-batch-size", type=int, help="inference batch (default per shape)")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    b.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32 or bf16 autocast "
-                   "(default bf16 on CUDA, fp32 on CPU)")
-    b.add_argument("--compile", action="store_true", help="torch.compile every model (peers "
-                   "too); vit-mqa-mqa+compile compiles only that one")
-    b.add_argument("--repeats", type=int, default=5, help="timed windows per entry (median)")
-    b.add_argument("--min-time", type=float, default=0.5, help="seconds per timed window")
-    b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
-    b.add_argument("--scaling", action="store_true",
-                   help="also images/s against batch size and token count")
-    b.add_argument("--levers", nargs="?", const="all", metavar="NAMES",
-                   help="also each speed lever (or the comma-separated ones named), measured "
-                   "against the default path")
-    b.add_argument("--json", metavar="FILE", help="write the full report as JSON")
-    b.add_argument("--markdown", metavar="FILE", help="write the tables to a file too")
+                       "onnxruntime (needs vit-mqa[onnx])")
+    x.add_argument("run_dir", **run_dir)
+    x.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
+    _add_weights(x)
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
 
     d = sub.add_parser("demo", help="a local web page: draw or upload a digit, see the "
                        "prediction and its attention (needs vit-mqa[demo])")
-    d.add_argument("run_dir", metavar="RUN_DIR")
-    d.add_argument("--host", default="127.0.0.1", help="interface to bind (default "
-                   "127.0.0.1: this machine only)")
-    d.add_argument("--port", type=int, default=7860)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--top-k", type=int, default=5)
-    d.add_argument("--procedure", choices=("stretch", "pad", "center-crop", "mnist",
-                                           "fashion-mnist"),
+    d.add_argument("run_dir", **run_dir)
+    d.add_argument("--host", default="127.0.0.1", help="interface to bind (default: "
+                   "127.0.0.1, this machine only)")
+    d.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    _add_device(d)
+    _add_top_k(d)
+    d.add_argument("--procedure", choices=procedures,
                    help="override the run's recorded preprocessing")
 
     r = sub.add_parser("presets", help="list the named presets")
-    r.add_argument("--json", action="store_true", help="print the presets as JSON")
+    _add_json(r, "every preset's settings")
     return parser
 
 
@@ -189,26 +210,18 @@ def _new_run_dir(stem: str) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .interop import adapt_state_dict, load_external
-    from .model import VisionTransformer, ViTConfig, save_model_dir
-    from .preprocess import Preprocess
+    from .interop import load_external, resize_model
+    from .model import save_model_dir
 
     dest = _fresh_dir(args.dest)
     model, extras = load_external(args.source, args.num_heads)
     if args.image_size:
         if len(args.image_size) > 2:
             raise VitMqaError("--image-size takes H or H W")
-        size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
-        target = ViTConfig.from_dict({**model.config.to_dict(), "image_size": size})
-        resized = VisionTransformer(target)
-        resized.load_state_dict(adapt_state_dict(model.state_dict(), model.config, target))
-        model = resized
+        model = resize_model(model, tuple(args.image_size * 2)[:2] if len(args.image_size) == 1
+                             else tuple(args.image_size))
+    save_model_dir(model, dest, {**extras, "imported_from": str(args.source)})
     mc = model.config
-    # Both Hugging Face ViT and timm's original ViT weights scale pixels to [-1, 1].
-    pre = Preprocess(mc.image_size, mc.in_channels, (0.5,) * mc.in_channels,
-                     (0.5,) * mc.in_channels)
-    save_model_dir(model, dest, {"preprocess": pre.to_dict(), **extras,
-                                 "imported_from": str(args.source)})
     print(f"imported {args.source} -> {dest} ({mc.depth} layers, dim {mc.dim}, "
           f"{mc.num_heads} heads, {mc.image_size[0]}x{mc.image_size[1]})")
     return 0
@@ -231,32 +244,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from .interop import export_onnx
     from .model import load_model_dir
 
     model, _ = load_model_dir(args.run_dir, _weights_name(args.weights))
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise VitMqaError("ONNX export needs onnx, onnxscript and onnxruntime: "
-                          "pip install 'vit-mqa[onnx]'") from None
-    export_onnx(model, args.output, args.opset)
-    session = ort.InferenceSession(str(args.output), providers=["CPUExecutionProvider"])
-    c = model.config
-    worst = 0.0
-    for batch in (1, 3):
-        x = torch.randn(batch, c.in_channels, *c.image_size)
-        with torch.inference_mode():
-            expected = model(x).numpy()
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        worst = max(worst, float(np.abs(got - expected).max()))
-    if worst > 1e-4:
-        Path(args.output).unlink(missing_ok=True)
-        raise VitMqaError(f"ONNX output differs from PyTorch by {worst:.2e} (> 1e-4); "
-                          "not written")
+    worst = export_onnx(model, args.output, args.opset, verify=True)
     print(f"exported {args.run_dir} -> {args.output} (dynamic batch; onnxruntime matches "
           f"PyTorch within {worst:.1e})")
     return 0
@@ -269,8 +261,9 @@ def _weights_name(choice: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import SECTIONS, build_config, field_section
     from .distributed import launched_by_torchrun
-    from .train import SECTIONS, build_config, field_section, train
+    from .training import train
 
     own = {"command", "preset", "config", "out", "resume", "init_from", "quiet"}
     overrides = {k: v for k, v in vars(args).items() if k not in own}
@@ -365,33 +358,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if len(good) < len(results) else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .distributed import pick_device
-
-    for name in ("repeats", "threads", "batch_size", "infer_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise VitMqaError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.min_time <= 0:
-        raise VitMqaError(f"--min-time must be > 0, got {args.min_time}")
-    device = pick_device(args.device)
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    opts = bench.BenchOptions(device, dtype, args.compile, args.repeats, args.min_time,
-                              threads=args.threads)
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-    report = bench.run_benchmark(
-        split(args.shapes), split(args.impls), split(args.modes), opts,
-        train_batch=args.batch_size, infer_batch=args.infer_batch_size,
-        with_scaling=args.scaling, with_levers=args.levers is not None,
-        lever_names=None if args.levers in (None, "all") else split(args.levers),
-        say=bench.log if sys.stderr.isatty() or os.environ.get("VIT_MQA_VERBOSE") else
-        (lambda m: None))
-    bench.write_report(report, args.json, args.markdown)
-    print(bench.markdown(report), end="")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import serve
 
@@ -408,7 +374,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"default": DEFAULT_PRESET, "presets": PRESETS}, indent=2))
         return 0
-    from .train import build_config
+    from .config import build_config
 
     rows = [("preset", "dataset", "model", "epochs", "batch", "lr")]
     for name in PRESETS:
@@ -436,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "import": cmd_import, "convert": cmd_convert, "export": cmd_export,
-                "bench": cmd_bench, "presets": cmd_presets, "demo": cmd_demo,
+                "presets": cmd_presets, "demo": cmd_demo,
                 "report": cmd_report}
     # SIGTERM (kill, a job scheduler, a container stop) ends a run as Ctrl-C does: temporary
     # files are removed, the last finished epoch stays resumable, and the exit is one line.

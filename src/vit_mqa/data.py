@@ -16,21 +16,21 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import preprocess as preprocess_images
-from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types, dataclass_from_dict
+from .checkpoint import atomic_write
+from .config import DataConfig
+from .errors import VitMqaError
 from .preprocess import Preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
@@ -98,61 +98,6 @@ DATASETS: dict[str, IdxDatasetSpec] = {
 
 
 @dataclass
-class DataConfig:
-    """Which data, where from, and how it is split; the "data" part of config.json."""
-
-    dataset: str = "mnist"  # "mnist", "fashion-mnist", or a path to an image folder
-    data_dir: str | None = None  # searched first, then $VIT_MQA_DATA, cache, /usr/share/datasets
-    # Validation images carved from the training set with a fixed seed: a count (500) or a
-    # fraction (0.1). Unset: 10 % of the training images, at most 5000.
-    val_size: float | None = None
-    split_seed: int = 0  # the validation split does not move with the training seed
-    image_size: int | None = None  # resize image-folder data to this; None keeps the native size
-    # Image-folder data: 1 (grayscale) or 3 (RGB) channels; unset, the first image decides.
-    in_channels: int | None = None
-    # How image-folder pictures of another shape reach image_size: "stretch", "pad" (fit
-    # inside, black borders) or "center-crop" (fill, crop the overflow). Also applied at
-    # prediction.
-    resize: str = "stretch"
-    download: bool = True  # fetch a missing MNIST / Fashion-MNIST into the cache
-
-    def val_count(self, num_images: int) -> int:
-        """The number of validation images out of ``num_images`` training images."""
-        if self.val_size is None:
-            return max(1, min(5000, round(0.1 * num_images)))
-        if self.val_size < 1:
-            return max(1, round(self.val_size * num_images))
-        return int(self.val_size)
-
-    def validate(self) -> None:
-        check_field_types(self, "data")
-        count = self.val_size is not None and self.val_size >= 1
-        if self.val_size is not None and not (
-                0 < self.val_size < 1 or (count and float(self.val_size).is_integer())):
-            raise VitMqaError(f"val_size must be a count of images (>= 1) or a fraction "
-                              f"between 0 and 1, got {self.val_size}")
-        if self.split_seed < 0:
-            raise VitMqaError(f"split_seed must be >= 0, got {self.split_seed}")
-        if self.in_channels not in (None, 1, 3):
-            raise VitMqaError(f"in_channels must be 1 or 3, got {self.in_channels}")
-        if self.image_size is not None and not 1 <= self.image_size <= MAX_IMAGE_SIDE:
-            raise VitMqaError(f"image_size must be 1 to {MAX_IMAGE_SIDE}, got {self.image_size}")
-        if self.resize not in preprocess_images.RESIZES:
-            raise VitMqaError(f"unknown resize {self.resize!r}: use one of "
-                              f"{', '.join(preprocess_images.RESIZES)}")
-
-
-def data_config_from_dict(d: Any, where: str | Path) -> DataConfig:
-    """A run's "data" section, checked."""
-    try:
-        config = dataclass_from_dict(DataConfig, d, '"data"')
-        config.validate()
-    except VitMqaError as e:
-        raise VitMqaError(f"{where}: {e}") from None
-    return config
-
-
-@dataclass
 class Split:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
@@ -174,14 +119,24 @@ class Data:
 # ---------------------------------------------------------------- IDX files
 
 
-def _read_maybe_gz(path: Path) -> bytes:
+# Five times the largest MNIST-style file (47 MB): a corrupt or hostile gzip stops here
+# instead of inflating without limit.
+MAX_IDX_BYTES = 256 << 20
+
+
+def read_maybe_gz(path: Path, compressed: bool | None = None) -> bytes:
+    """A file's bytes, decompressed when it is gzip (by default: when its name ends in
+    .gz), at most MAX_IDX_BYTES of them."""
+    compressed = path.suffix == ".gz" if compressed is None else compressed
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            raw = f.read(MAX_IDX_BYTES + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise VitMqaError(f"cannot read {path}: corrupt or truncated file ({e})") from None
+    if len(raw) > MAX_IDX_BYTES:
+        raise VitMqaError(f"{path} holds more than {MAX_IDX_BYTES:,} bytes: not an "
+                          "MNIST-style file")
+    return raw
 
 
 def parse_idx(raw: bytes, source: str | Path) -> np.ndarray:
@@ -272,8 +227,8 @@ def _download_missing(spec: IdxDatasetSpec, target: Path, mirrors: list[str]) ->
             try:
                 _download_verified(url, target / (stem + ".gz"), spec.sha256[split])
                 break
-            except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-                errors.append(f"{url}: {getattr(e, 'reason', e)}")
+            except (_DownloadFailed, VitMqaError) as e:
+                errors.append(f"{url}: {e}")
         else:
             names = ", ".join(s + ".gz" for s in spec.files.values())
             raise VitMqaError(
@@ -283,31 +238,37 @@ def _download_missing(spec: IdxDatasetSpec, target: Path, mirrors: list[str]) ->
             )
 
 
+class _DownloadFailed(Exception):
+    """A mirror that did not deliver a good file; the next one is tried."""
+
+
 def _download_verified(url: str, dest: Path, sha256: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=30)
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                raise _DownloadFailed(getattr(e, "reason", e)) from None
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None,
-                      leave=False, file=sys.stderr) as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
+            with response, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                                disable=None, leave=False, file=sys.stderr) as bar:
+                while True:
+                    try:
+                        chunk = response.read(1 << 16)
+                    except (OSError, http.client.HTTPException) as e:
+                        raise _DownloadFailed(e) from None
+                    if not chunk:
+                        break
+                    out.write(chunk)  # a full disk is atomic_write's "cannot write" error
                     bar.update(len(chunk))
-        digest = hashlib.sha256(_read_gz_file(tmp)).hexdigest()
+        try:
+            digest = hashlib.sha256(read_maybe_gz(tmp, compressed=True)).hexdigest()
+        except VitMqaError as e:
+            raise _DownloadFailed(f"not a valid gzip file ({str(e).split('(')[-1]}") from None
         if digest != sha256:
-            raise VitMqaError(f"checksum mismatch (sha256 {digest}, expected {sha256})")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+            raise _DownloadFailed(f"checksum mismatch (sha256 {digest}, expected {sha256})")
 
-
-def _read_gz_file(path: Path) -> bytes:
-    try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise VitMqaError(f"downloaded file is not valid gzip ({e})") from None
+    atomic_write(dest, write)
 
 
 def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
@@ -351,7 +312,7 @@ def _read_verified(spec: IdxDatasetSpec, directory: Path) -> dict[str, np.ndarra
     for split, stem in spec.files.items():
         path = _find_file(directory, stem)
         assert path is not None
-        raw = _read_maybe_gz(path)
+        raw = read_maybe_gz(path)
         digest = hashlib.sha256(raw).hexdigest()
         if digest != spec.sha256[split]:
             raise VitMqaError(f"checksum mismatch for {path}: sha256 of its content is {digest}, "

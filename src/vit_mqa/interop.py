@@ -10,6 +10,7 @@ grouped-query layer with one query head per K/V head, so logits match the source
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -315,6 +316,9 @@ def load_external(source: str | Path, num_heads: int | None = None
                           "not a float tensor")
     model = VisionTransformer(config)
     model.load_state_dict(state)
+    # Both Hugging Face ViT and timm's original ViT weights scale pixels to [-1, 1], which
+    # is what a new model's preprocess does.
+    model.classes = list(extras.get("classes", model.classes))
     return model.eval(), extras
 
 
@@ -356,24 +360,66 @@ def _pool_heads(rows: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
 # ---------------------------------------------------------------- ONNX
 
 
-def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18) -> None:
-    """Export with a dynamic batch dimension (input "images", output "logits")."""
+def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18,
+                verify: bool = False, tolerance: float = 1e-4) -> float | None:
+    """Export with a dynamic batch dimension (input "images", output "logits").
+
+    ``verify`` runs the file in onnxruntime on batches of 1 and 3 random images and
+    returns the largest difference from PyTorch's logits; above ``tolerance`` the file is
+    removed and VitMqaError raised.
+    """
     from .checkpoint import atomic_write
 
     c = model.config
     example = torch.randn(2, c.in_channels, *c.image_size)
     model = model.eval()
+    if verify:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise VitMqaError("checking the export needs onnxruntime: "
+                              "pip install 'vit-mqa[onnx]'") from None
 
     def write(tmp: Path) -> None:
         # The exporter narrates its passes on stdout and warns about its own internals.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                model, (example,), None, input_names=["images"], output_names=["logits"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
-                opset_version=opset, verbose=False)
+            try:
+                program = torch.onnx.export(
+                    model, (example,), None, input_names=["images"], output_names=["logits"],
+                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                    opset_version=opset, verbose=False)
+            except ImportError as e:
+                raise VitMqaError(f"ONNX export needs onnx and onnxscript ({e.name} is "
+                                  "missing): pip install 'vit-mqa[onnx]'") from None
         program.save(str(tmp))
 
     atomic_write(path, write)
+    if not verify:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch in (1, 3):
+        x = torch.randn(batch, c.in_channels, *c.image_size)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        worst = max(worst, float(abs(got - expected).max()))
+    if worst > tolerance:
+        Path(path).unlink(missing_ok=True)
+        raise VitMqaError(f"ONNX output differs from PyTorch by {worst:.2e} (> {tolerance:g}); "
+                          "not written")
+    return worst
 
+
+def resize_model(model: VisionTransformer, image_size: int | tuple[int, int]
+                 ) -> VisionTransformer:
+    """A copy of ``model`` for another input size: learned position embeddings are
+    resampled bicubically to the new patch grid (as timm does)."""
+    config = ViTConfig.from_dict({**model.config.to_dict(), "image_size": image_size})
+    resized = VisionTransformer(config)
+    resized.load_state_dict(adapt_state_dict(model.state_dict(), model.config, config))
+    resized.classes = list(model.classes)
+    resized.preprocess = dataclasses.replace(model.preprocess, image_size=config.image_size)
+    return resized.train(model.training)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,131 +31,9 @@ from .checkpoint import (
     save_weights,
     write_json,
 )
-from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types, dataclass_from_dict
+from .config import ViTConfig
+from .errors import VitMqaError
 from .preprocess import Preprocess, run_classes, run_preprocess
-
-# Bounds on what a config may ask for. A run directory is something people download: its
-# config.json must not be able to make the loader allocate without limit.
-MAX_TOKENS = 65536
-MAX_DEPTH = 256
-MAX_PARAMETERS = 2_000_000_000
-
-
-def _pair(value: object) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise VitMqaError(f"image_size must be an int or (height, width), got {value!r}")
-    return (int(value[0]), int(value[1]))
-
-
-@dataclass
-class ViTConfig:
-    """Everything that defines the network; saved as the "model" part of config.json."""
-
-    image_size: int | tuple[int, int] = 28
-    patch_size: int = 4
-    in_channels: int = 1
-    num_classes: int = 10
-    dim: int = 64
-    depth: int = 6
-    num_heads: int = 4
-    num_kv_heads: int = 1  # 1 = multi-query, num_heads = multi-head, a divisor = grouped
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    pooling: str = "cls"  # "cls" or "mean"
-    pos_embed: str = "learned"  # "learned" or "sincos2d"
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    drop_path: float = 0.0
-    qk_norm: bool = False
-    norm_eps: float = 1e-6  # LayerNorm epsilon (timm 1e-6; Hugging Face ViT 1e-12)
-
-    def __post_init__(self) -> None:
-        self.image_size = _pair(self.image_size)
-        self.validate()
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1 if self.pooling == "cls" else 0
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.dim * self.mlp_ratio)
-
-    def validate(self) -> None:
-        check_field_types(self, "model")
-        h, w = self.image_size
-        positive = ("patch_size", "in_channels", "num_classes", "dim", "depth", "num_heads")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise VitMqaError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
-            raise VitMqaError(f"image_size must be 1 to {MAX_IMAGE_SIDE} per side, "
-                              f"got {self.image_size}")
-        if self.depth > MAX_DEPTH:
-            raise VitMqaError(f"depth must be <= {MAX_DEPTH}, got {self.depth}")
-        if h % self.patch_size or w % self.patch_size:
-            raise VitMqaError(
-                f"patch_size {self.patch_size} does not divide image size {h}x{w}"
-            )
-        if self.dim % self.num_heads:
-            raise VitMqaError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
-            raise VitMqaError(
-                f"num_kv_heads {self.num_kv_heads} must be a divisor of num_heads "
-                f"{self.num_heads} (1 = multi-query, {self.num_heads} = multi-head)"
-            )
-        if self.pooling not in ("cls", "mean"):
-            raise VitMqaError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        if self.pos_embed not in ("learned", "sincos2d"):
-            raise VitMqaError(f"pos_embed must be 'learned' or 'sincos2d', got {self.pos_embed!r}")
-        if not 0 < self.mlp_ratio <= 64 or self.dim * self.mlp_ratio < 1:
-            raise VitMqaError(f"mlp_ratio must be in (0, 64] and give an MLP of at least one "
-                              f"unit, got {self.mlp_ratio} (with dim {self.dim})")
-        for name in ("dropout", "attn_dropout", "drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise VitMqaError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 < self.norm_eps < 1:
-            raise VitMqaError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
-        if self.num_patches + self.num_prefix_tokens > MAX_TOKENS:
-            raise VitMqaError(f"{self.num_patches} patches is more than {MAX_TOKENS} tokens; "
-                              "use a larger patch_size or a smaller image_size")
-        if self.num_parameters() > MAX_PARAMETERS:
-            raise VitMqaError(f"this config has {self.num_parameters():,} parameters, more "
-                              f"than the limit of {MAX_PARAMETERS:,}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["image_size"] = list(self.image_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        return dataclass_from_dict(cls, d, "model config")
-
-    def num_parameters(self) -> int:
-        """Parameter count from the formula (the tests check it against the module)."""
-        D, L, hd = self.dim, self.depth, self.dim // self.num_heads
-        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * hd
-        attn = D * qkv_out + (qkv_out if self.qkv_bias else 0) + D * D + D
-        attn += 4 * hd if self.qk_norm else 0
-        mlp = D * self.mlp_dim + self.mlp_dim + self.mlp_dim * D + D
-        block = 2 * 2 * D + attn + mlp  # two LayerNorms
-        patch = self.in_channels * self.patch_size**2 * D + D
-        pos = (self.num_patches + self.num_prefix_tokens) * D if self.pos_embed == "learned" else 0
-        cls_token = D if self.pooling == "cls" else 0
-        head = 2 * D + D * self.num_classes + self.num_classes
-        return patch + pos + cls_token + L * block + head
 
 
 def sincos_2d_position_embedding(grid: tuple[int, int], dim: int) -> torch.Tensor:

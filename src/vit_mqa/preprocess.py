@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import os
 import stat
@@ -30,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from .config import RESIZES
 from .errors import MAX_IMAGE_SIDE, VitMqaError
 
-RESIZES = ("stretch", "pad", "center-crop")
 PROCEDURES = (*RESIZES, "mnist", "fashion-mnist")
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -40,6 +41,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Above this many pixels on the longer side the ink-finding steps work on a reduced copy:
 # the result is 28x28 anyway, and a 12-megapixel photo would take seconds.
 _WORK_SIDE = 512
+MAX_IMAGE_FILE_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------- reading
@@ -60,10 +62,17 @@ def open_image(path: str | Path) -> Image.Image:
     except OSError as e:
         raise VitMqaError(f"cannot read image {path}: {e.strerror or e}") from None
     with f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise VitMqaError(f"cannot read image {path}: not a regular file")
+        if info.st_size > MAX_IMAGE_FILE_BYTES:
+            raise VitMqaError(f"cannot read image {path}: {info.st_size:,} bytes is more than "
+                              f"the {MAX_IMAGE_FILE_BYTES:,} an image file may have")
+        # Decoded from memory: a damaged length field then reads past the end of a buffer
+        # the size of the file, where a file object would first allocate what it claims.
+        data = io.BytesIO(f.read())
         try:
-            with Image.open(f) as img:
+            with Image.open(data) as img:
                 img.load()
                 return ImageOps.exif_transpose(img)
         except Image.DecompressionBombError as e:

@@ -14,6 +14,19 @@ from typing import Any
 DEFAULT_PRESET = "mnist-fast"
 
 _SHAPE_TRAIN = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "warmup_epochs": 5.0}
+# The model of mnist-3min, fmnist-fast and mnist-accurate: wider and shallower than
+# mnist-fast, mean pooling.
+_WIDE_SHALLOW = {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
+                 "mlp_ratio": 2.0, "pooling": "mean"}
+# No rotation, zoom or shift (Fashion-MNIST's clothes are centred and upright).
+_NO_GEOMETRY = {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0}
+
+
+def _vit_shape(dim: int, num_heads: int, drop_path: float) -> dict[str, Any]:
+    """A ViT-Ti/S/B width, depth and heads (Touvron et al. 2021), multi-query, patch 4."""
+    return {"model": {"patch_size": 4, "dim": dim, "depth": 12, "num_heads": num_heads,
+                      "num_kv_heads": 1, "mlp_ratio": 4.0, "drop_path": drop_path},
+            "train": _SHAPE_TRAIN}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Default: 99.03 +- 0.03 % MNIST test accuracy after 383 +- 22 s of training on a 2-core
@@ -29,25 +42,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # mnist-fast (as fast per image, better per epoch), mean pooling, batch 128, 6 epochs
     # (docs/benchmarks.md, "Time to accuracy").
     "mnist-3min": {
-        "model": {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
-                  "mlp_ratio": 2.0, "pooling": "mean"},
+        "model": _WIDE_SHALLOW,
         "data": {"dataset": "mnist"},
         "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
     },
     # Fashion-MNIST, fast: the mnist-3min model without augmentation. Random shifts and
     # flips slowed learning in 3-epoch trials (docs/benchmarks.md, "Recipe search").
     "fmnist-fast": {
-        "model": {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
-                  "mlp_ratio": 2.0, "pooling": "mean"},
+        "model": _WIDE_SHALLOW,
         "data": {"dataset": "fashion-mnist"},
-        "augment": {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0},
+        "augment": _NO_GEOMETRY,
         "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
     },
     # MNIST, the most accurate recipe measured: the mnist-3min model trained 5x longer
     # (99.35 +- 0.06 % after 12.9 minutes of training on a 2-core CPU, 3 seeds).
     "mnist-accurate": {
-        "model": {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
-                  "mlp_ratio": 2.0, "pooling": "mean"},
+        "model": _WIDE_SHALLOW,
         "data": {"dataset": "mnist"},
         "train": {"epochs": 30, "batch_size": 128, "lr": 3e-3},
     },
@@ -58,23 +68,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"patch_size": 4, "dim": 64, "depth": 6, "num_heads": 4, "num_kv_heads": 1,
                   "mlp_ratio": 2.0, "pooling": "mean"},
         "data": {"dataset": "fashion-mnist"},
-        "augment": {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0,
-                    "hflip": 0.5, "erase": 0.25},
+        "augment": {**_NO_GEOMETRY, "hflip": 0.5, "erase": 0.25},
         "train": {"epochs": 18, "batch_size": 128, "lr": 2e-3},
     },
-    "vit-ti": {
-        "model": {"patch_size": 4, "dim": 192, "depth": 12, "num_heads": 3, "num_kv_heads": 1,
-                  "mlp_ratio": 4.0},
-        "train": _SHAPE_TRAIN,
-    },
-    "vit-s": {
-        "model": {"patch_size": 4, "dim": 384, "depth": 12, "num_heads": 6, "num_kv_heads": 1,
-                  "mlp_ratio": 4.0, "drop_path": 0.1},
-        "train": _SHAPE_TRAIN,
-    },
-    "vit-b": {
-        "model": {"patch_size": 4, "dim": 768, "depth": 12, "num_heads": 12, "num_kv_heads": 1,
-                  "mlp_ratio": 4.0, "drop_path": 0.1},
-        "train": _SHAPE_TRAIN,
-    },
+    "vit-ti": _vit_shape(192, 3, 0.0),
+    "vit-s": _vit_shape(384, 6, 0.1),
+    "vit-b": _vit_shape(768, 12, 0.1),
 }

@@ -6,15 +6,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
-from vit_mqa import bench
+from benchmarks import throughput as bench
+from tests.conftest import REPO
 
 CPU = bench.BenchOptions(torch.device("cpu"), repeats=1, min_time=0.01, warmup=1)
 TINY = bench.Shape("tiny", 16, 4, 3, 7, 32, 2, 4, 64)
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), *args],
+                          capture_output=True, text=True, timeout=600)
 
 
 def forward_flops(shape: bench.Shape, kv: int) -> int:
@@ -135,10 +142,9 @@ def test_matmul_peak_and_pipeline_share():
 
 
 def test_training_step_of_the_bench_is_the_trainers(monkeypatch):
-    # The bench times train.training_step, so a change there shows in its figures.
+    # The bench times training.training_step, so a change there shows in its figures.
     calls = []
-    import vit_mqa.bench as module
-
+    module = bench
     real = module.training_step
 
     def counting(*args, **kwargs):
@@ -155,10 +161,10 @@ def test_training_step_of_the_bench_is_the_trainers(monkeypatch):
 
 def test_bench_command_writes_tables_and_json(tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = run_cli("bench", "--shapes", "mnist-fast", "--impls",
-                     "vit-mqa-mqa,vit-mqa-mha,hf-vit", "--repeats", "2", "--min-time", "0.05",
-                     "--batch-size", "16", "--infer-batch-size", "32",
-                     "--json", str(out), "--markdown", str(md))
+    result = run_bench("--shapes", "mnist-fast", "--impls",
+                       "vit-mqa-mqa,vit-mqa-mha,hf-vit", "--repeats", "2", "--min-time", "0.05",
+                       "--batch-size", "16", "--infer-batch-size", "32",
+                       "--json-out", str(out), "--markdown-out", str(md))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     rows = {(r["impl"], r["mode"]): r for r in report["results"]}
@@ -198,7 +204,7 @@ def test_bench_shape_without_gqa_divisor_is_reported_as_skipped(tmp_path):
 def test_bench_bad_options_are_one_line_errors(args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    result = run_cli("bench", *args)
+    result = run_bench(*args)
     assert result.returncode != 0
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

@@ -1,5 +1,9 @@
 """Throughput benchmark: vit-mqa beside other ViT implementations, in one run.
 
+    python benchmarks/throughput.py                       # every shape, train and infer
+    python benchmarks/throughput.py --shapes mnist-fast --scaling --json-out table.json
+    python benchmarks/throughput.py --shapes mnist-fast --impls vit-mqa-mqa --levers
+
 For each model shape, every implementation is built at the same patch size, width,
 depth, query heads and MLP width, and timed on the same batches with the same
 training step (``train.training_step``: forward, label-smoothed cross-entropy,
@@ -17,11 +21,13 @@ implementation that is not installed is reported as skipped.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -34,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import GroupedQueryAttention
-from .augment import AugmentConfig
-from .errors import VitMqaError
-from .model import VisionTransformer, ViTConfig, count_parameters
-from .preprocess import Preprocess
-from .presets import PRESETS
-from .train import TrainConfig, compile_model, make_batch, make_optimizer, training_step
+from vit_mqa.attention import GroupedQueryAttention
+from vit_mqa.config import AugmentConfig, TrainConfig
+from vit_mqa.errors import VitMqaError
+from vit_mqa.model import VisionTransformer, ViTConfig, count_parameters
+from vit_mqa.preprocess import Preprocess
+from vit_mqa.presets import PRESETS
+from vit_mqa.training import compile_model, make_batch, make_optimizer, training_step
 
 PEERS = ("vit-pytorch", "hf-vit")
 
@@ -813,6 +819,12 @@ def _default_batch(shape: Shape, mode: str, device: torch.device) -> int:
         else 256
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables."""
     env = report["environment"]
@@ -822,44 +834,42 @@ def markdown(report: dict[str, Any]) -> str:
              f"{env['threads']} threads, CPU capability {env['cpu_capability']}; "
              f"dtype {report['options']['dtype']}, compile {report['options']['compile']}.",
              f"Dense-matmul peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, "
-             f"bf16 {peaks['bf16']:,.0f} GFLOP/s.", "",
-             "| shape (tokens) | mode | batch | implementation | params | GFLOP/img | images/s "
-             "| vs fastest peer | GFLOP/s | % of peak | step memory MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        ratio = f"{r['vs_fastest_peer']:.2f}x" if r.get("vs_fastest_peer") else "-"
-        frac = f"{100 * r['fraction_of_peak']:.0f}%" if r["fraction_of_peak"] else "-"
-        mem = f"{r['step_memory_mib']:.0f}" if r["step_memory_mib"] is not None else "-"
-        lines.append(f"| {r['shape']} ({r['tokens']}) | {r['mode']} | {r['batch_size']} | "
-                     f"{r['label']} | {r['parameters']:,} | {r['flops_per_image'] / 1e9:.3f} | "
-                     f"{r['images_per_s']:,.0f} | {ratio} | {r['gflops_per_s']:,.1f} | "
-                     f"{frac} | {mem} |")
+             f"bf16 {peaks['bf16']:,.0f} GFLOP/s.", ""]
+    lines += markdown_table(
+        ["shape (tokens)", "mode", "batch", "implementation", "params", "GFLOP/img",
+         "images/s", "vs fastest peer", "GFLOP/s", "% of peak", "step memory MiB"],
+        [[f"{r['shape']} ({r['tokens']})", r["mode"], str(r["batch_size"]), r["label"],
+          f"{r['parameters']:,}", f"{r['flops_per_image'] / 1e9:.3f}",
+          f"{r['images_per_s']:,.0f}",
+          f"{r['vs_fastest_peer']:.2f}x" if r.get("vs_fastest_peer") else "-",
+          f"{r['gflops_per_s']:,.1f}",
+          f"{100 * r['fraction_of_peak']:.0f}%" if r["fraction_of_peak"] else "-",
+          f"{r['step_memory_mib']:.0f}" if r["step_memory_mib"] is not None else "-"]
+         for r in report["results"]])
     for s in report["skipped"]:
         lines.append(f"\nSkipped {s['impl']} ({s['shape']}, {s['mode']}): {s['reason']}")
     if report.get("pipeline"):
-        lines += ["", "| shape | batch | batch prep ms | whole step ms | share outside model |",
-                  "|---|---|---|---|---|"]
-        for p in report["pipeline"]:
-            lines.append(f"| {p['shape']} | {p['batch_size']} | {p['batch_ms']:.2f} | "
-                         f"{p['step_ms']:.2f} | {100 * p['share']:.1f}% |")
+        lines += [""] + markdown_table(
+            ["shape", "batch", "batch prep ms", "whole step ms", "share outside model"],
+            [[p["shape"], str(p["batch_size"]), f"{p['batch_ms']:.2f}", f"{p['step_ms']:.2f}",
+              f"{100 * p['share']:.1f}%"] for p in report["pipeline"]])
     if report.get("levers"):
-        lines += ["", "| shape | mode | change from the default path | default images/s | "
-                  "changed images/s | ratio |", "|---|---|---|---|---|---|"]
-        for v in report["levers"]:
-            lines.append(f"| {v['shape']} | {v['mode']} | {v['description']} | "
-                         f"{v['default_images_per_s']:,.0f} | {v['changed_images_per_s']:,.0f} "
-                         f"| {v['ratio']:.2f}x |")
+        lines += [""] + markdown_table(
+            ["shape", "mode", "change from the default path", "default images/s",
+             "changed images/s", "ratio"],
+            [[v["shape"], v["mode"], v["description"], f"{v['default_images_per_s']:,.0f}",
+              f"{v['changed_images_per_s']:,.0f}", f"{v['ratio']:.2f}x"]
+             for v in report["levers"]])
     if report.get("scaling"):
-        lines += ["", "| mode | attention | batch | image | tokens | images/s |",
-                  "|---|---|---|---|---|---|"]
-        for s in report["scaling"]:
-            lines.append(f"| {s['mode']} | {s['attention']} | {s['batch_size']} | "
-                         f"{s['image_size']} | {s['tokens']} | {s['images_per_s']:,.0f} |")
+        lines += [""] + markdown_table(
+            ["mode", "attention", "batch", "image", "tokens", "images/s"],
+            [[s["mode"], s["attention"], str(s["batch_size"]), str(s["image_size"]),
+              str(s["tokens"]), f"{s['images_per_s']:,.0f}"] for s in report["scaling"]])
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict[str, Any], json_path: str | None, md_path: str | None) -> None:
-    from .checkpoint import atomic_write_text
+    from vit_mqa.checkpoint import atomic_write_text
 
     if json_path:
         atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
@@ -869,3 +879,63 @@ def write_report(report: dict[str, Any], json_path: str | None, md_path: str | N
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    b = argparse.ArgumentParser(description="Training and inference throughput of vit-mqa "
+                                "beside vit-pytorch and Hugging Face ViT, at equal shapes.")
+    b.add_argument("--shapes", default="mnist-fast,vit-ti-32,vit-s-224",
+                   help="comma-separated: mnist-fast, vit-ti-32, vit-s-224")
+    b.add_argument("--impls", default="vit-mqa-mqa,vit-mqa-gqa,vit-mqa-mha,vit-mqa-mqa+compile,"
+                   "vit-pytorch,hf-vit", help="comma-separated implementations")
+    b.add_argument("--modes", default="train,infer", help="train, infer or both")
+    b.add_argument("--batch-size", type=int, help="training batch (default per shape/device)")
+    b.add_argument("--infer-batch-size", type=int, help="inference batch (default per shape)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    b.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32 or bf16 autocast "
+                   "(default bf16 on CUDA, fp32 on CPU)")
+    b.add_argument("--compile", action="store_true", help="torch.compile every model (peers "
+                   "too); vit-mqa-mqa+compile compiles only that one")
+    b.add_argument("--repeats", type=int, default=5, help="timed windows per entry (median)")
+    b.add_argument("--min-time", type=float, default=0.5, help="seconds per timed window")
+    b.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    b.add_argument("--scaling", action="store_true",
+                   help="also images/s against batch size and token count")
+    b.add_argument("--levers", nargs="?", const="all", metavar="NAMES",
+                   help="also each speed lever (or the comma-separated ones named), measured "
+                   "against the default path")
+    b.add_argument("--json-out", metavar="FILE", help="write the full report as JSON")
+    b.add_argument("--markdown-out", metavar="FILE", help="write the tables to a file too")
+
+    args = b.parse_args(argv)
+    from vit_mqa.distributed import pick_device
+
+    try:
+        for name in ("repeats", "threads", "batch_size", "infer_batch_size"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise VitMqaError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.min_time <= 0:
+            raise VitMqaError(f"--min-time must be > 0, got {args.min_time}")
+        device = pick_device(args.device)
+        dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+        opts = BenchOptions(device, dtype, args.compile, args.repeats, args.min_time,
+                            threads=args.threads)
+        split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+        report = run_benchmark(
+            split(args.shapes), split(args.impls), split(args.modes), opts,
+            train_batch=args.batch_size, infer_batch=args.infer_batch_size,
+            with_scaling=args.scaling, with_levers=args.levers is not None,
+            lever_names=None if args.levers in (None, "all") else split(args.levers),
+            say=log if sys.stderr.isatty() or os.environ.get("VIT_MQA_VERBOSE") else
+            (lambda m: None))
+    except VitMqaError as e:
+        print(f"throughput: error: {e}", file=sys.stderr)
+        return 1
+    write_report(report, args.json_out, args.markdown_out)
+    print(markdown(report), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
