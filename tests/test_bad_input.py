@@ -267,7 +267,7 @@ def test_resume_of_a_running_run_is_refused_and_sigterm_is_one_line(folder, tmp_
     assert second.returncode == 1
     assert second.stderr.strip().splitlines() == [
         f"vit-mqa: error: {out} is in use by another training process (pid {running.pid}); "
-        "wait for it to end, or choose another --out"]
+        "wait for it to end, or choose another run directory"]
     running.send_signal(signal.SIGTERM)
     code = running.wait(timeout=120)
     assert code == 128 + signal.SIGTERM

@@ -77,7 +77,7 @@ def test_predictor_api_matches_cli(trained_run, mnist_test_arrays, tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
-    (["train", "--preset", "nope"], ["unknown preset 'nope'"]),
+    (["train", "--preset", "nope"], ["invalid choice: 'nope'", "mnist-fast"]),
     (["train", "--patch-size", "5"], ["patch_size 5 does not divide image size 28x28"]),
     (["train", "--num-kv-heads", "3"], ["num_kv_heads 3 must be a divisor of num_heads 4"]),
     (["train", "--dataset", "cifar-11"], ["unknown dataset 'cifar-11'"]),

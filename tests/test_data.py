@@ -175,7 +175,7 @@ def test_offline_error_says_where_to_put_the_files(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert str(tmp_path / "cache" / "vit-mqa" / "mnist") in message
-    assert "train-images-idx3-ubyte.gz" in message and "--data-dir" in message
+    assert "train-images-idx3-ubyte.gz" in message and "set `data_dir`" in message
 
 
 def test_image_folder_with_holdout_splits(tmp_path):
@@ -217,7 +217,7 @@ def test_bad_folder_inputs(tmp_path):
         load_data(DataConfig(dataset="cifar-11"))
     root = write_image_folder(tmp_path / "imgs", per_class=4)
     with pytest.raises(VitMqaError, match="of 5 images does not fit a training set of 8 "
-                                          "images; pass a smaller --val-size"):
+                                          "images; pass a smaller `val_size`"):
         load_data(DataConfig(dataset=str(root), val_size=5))
     (root / "left" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(VitMqaError, match="cannot read image .*broken.png"):

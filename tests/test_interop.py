@@ -13,6 +13,7 @@ from tests.conftest import run_cli
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
 from vit_mqa.interop import (
     convert_kv_heads,
+    export_onnx,
     load_external,
     resample_pos_embed,
     transfer_weights,
@@ -175,7 +176,7 @@ def test_transfer_to_other_classes_keeps_the_backbone_and_makes_a_new_head():
     torch.testing.assert_close(target.head.weight, head_before)  # left as initialised
     rgb = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2,
                                       in_channels=3))
-    with pytest.raises(VitMqaError, match="1-channel images .* --in-channels 1"):
+    with pytest.raises(VitMqaError, match="1-channel images .* `in_channels` 1"):
         transfer_weights(rgb, source, "src")
 
 
@@ -224,8 +225,9 @@ def test_convert_cli_keeps_run_settings(trained_run, tmp_path, data_root):
     assert converted["model"]["num_kv_heads"] == 2 and converted["classes"] == config["classes"]
     ev = run_cli("eval", str(tmp_path / "gqa"), "--data-dir", str(data_root), "--json")
     assert ev.returncode == 0, ev.stderr
-    bad = run_cli("convert", str(mha_dir), str(tmp_path / "x"), "--kv-heads", "3")
-    assert bad.returncode == 1 and "must divide" in bad.stderr
+    bad = run_cli("convert", str(mha_dir), str(tmp_path / "x"), "--num-kv-heads", "3")
+    assert bad.returncode == 1
+    assert "vit-mqa: error: --num-kv-heads 3 must divide the model's 4 K/V heads" in bad.stderr
 
 
 def test_onnx_export_matches_on_the_whole_mnist_test_set(trained_run, tmp_path,
@@ -251,6 +253,42 @@ def test_onnx_export_matches_on_the_whole_mnist_test_set(trained_run, tmp_path,
         worst = max(worst, float(np.abs(got - ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
     assert agree == 10000 and worst < 1e-4
+
+
+def test_int8_export_keeps_mnist_accuracy_and_predict_runs_it(trained_run, tmp_path,
+                                                              mnist_test_arrays):
+    from PIL import Image
+
+    from vit_mqa.predict import Predictor
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    assert run_cli("export", str(trained_run), str(fp32)).returncode == 0
+    result = run_cli("export", str(trained_run), str(int8), "--int8")
+    assert result.returncode == 0, result.stderr
+    assert "int8 weights" in result.stdout
+    assert int8.stat().st_size < 0.6 * fp32.stat().st_size
+    images, labels = mnist_test_arrays
+    batch = torch.from_numpy(images.copy()).unsqueeze(1)
+    torch_probs = Predictor(trained_run).probabilities(batch)
+    int8_probs = Predictor(trained_run, onnx=int8).probabilities(batch)
+    truth = torch.from_numpy(labels.astype(np.int64))
+    torch_acc = (torch_probs.argmax(1) == truth).float().mean().item()
+    int8_acc = (int8_probs.argmax(1) == truth).float().mean().item()
+    agree = (torch_probs.argmax(1) == int8_probs.argmax(1)).float().mean().item()
+    assert agree > 0.99 and abs(int8_acc - torch_acc) < 0.005, (agree, torch_acc, int8_acc)
+
+    Image.fromarray(255 - images[0]).save(tmp_path / "digit.png")
+    predicted = run_cli("predict", str(trained_run), str(tmp_path / "digit.png"), "--onnx",
+                        str(int8), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["top"][0]["class"] == str(labels[0])
+    wrong = tmp_path / "wrong.onnx"
+    export_onnx(VisionTransformer(ViTConfig(image_size=32, dim=32, depth=1)), wrong)
+    bad = run_cli("predict", str(trained_run), str(tmp_path / "digit.png"), "--onnx", str(wrong))
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        f"vit-mqa: error: ONNX file {wrong} does not take this run's input (images of shape "
+        "[batch, 1, 28, 28])"]
 
 
 def test_import_of_a_file_that_is_no_state_dict_is_one_line(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the module that defines it. The training function lives in
 # `vit_mqa.training`, so that no submodule is called `train` and can take its place here.

@@ -142,7 +142,7 @@ class RunLock:
             os.close(fd)
             raise VitMqaError(f"{self.run_dir} is in use by another training process "
                               f"(pid {holder}); wait for it to end, or choose another "
-                              "--out") from None
+                              "run directory") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

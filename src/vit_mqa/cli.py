@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
+from ._version import __version__
 from .errors import VitMqaError
 
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procedure", choices=procedures,
                    help="override the run's recorded preprocessing (runs saved before it "
                    "was recorded use stretch)")
+    p.add_argument("--onnx", metavar="FILE", help="run the network from this ONNX file in "
+                   "onnxruntime, e.g. an int8 one from `vit-mqa export --int8` (the run still "
+                   "gives the classes and preprocessing)")
 
     i = sub.add_parser("import", help="a Hugging Face ViT directory or a timm state dict "
                        "-> a vit-mqa model directory (multi-head)")
@@ -163,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="mean-pool K/V heads: multi-head -> grouped/multi-query")
     c.add_argument("source", metavar="SRC", help="run or model directory")
     c.add_argument("dest", metavar="DST", help="the model directory to write (new or empty)")
-    c.add_argument("--kv-heads", type=int, required=True, help="K/V heads after conversion")
+    c.add_argument("--num-kv-heads", "--kv-heads", dest="kv_heads", type=int, required=True,
+                   help="K/V heads after conversion (1: multi-query)")
 
     x = sub.add_parser("export", help="ONNX export with a dynamic batch, checked with "
                        "onnxruntime (needs vit-mqa[onnx])")
@@ -171,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
     _add_weights(x)
     x.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
+    x.add_argument("--int8", action="store_true", help="quantise the Linear layers' weights "
+                   "to int8 (activations per batch at run time): a smaller file, faster on "
+                   "CPUs with int8 dot products")
 
     d = sub.add_parser("demo", help="a local web page: draw or upload a digit, see the "
                        "prediction and its attention (needs vit-mqa[demo])")
@@ -248,9 +256,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .model import load_model_dir
 
     model, _ = load_model_dir(args.run_dir, _weights_name(args.weights))
-    worst = export_onnx(model, args.output, args.opset, verify=True)
-    print(f"exported {args.run_dir} -> {args.output} (dynamic batch; onnxruntime matches "
-          f"PyTorch within {worst:.1e})")
+    worst = export_onnx(model, args.output, args.opset, verify=True, int8=args.int8)
+    if args.int8:
+        print(f"exported {args.run_dir} -> {args.output} (int8 weights, dynamic batch; "
+              f"logits within {worst:.2g} of PyTorch's on random input)")
+    else:
+        print(f"exported {args.run_dir} -> {args.output} (dynamic batch; onnxruntime matches "
+              f"PyTorch within {worst:.1e})")
     return 0
 
 
@@ -341,7 +353,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
     predictor = Predictor(args.run_dir, device=pick_device(args.device),
-                          weights=_weights_name(args.weights), procedure=args.procedure)
+                          weights=_weights_name(args.weights), procedure=args.procedure,
+                          onnx=args.onnx)
     # One unreadable or blank image gets its own error line; the others are still predicted.
     results = predictor.predict(args.paths, top_k=args.top_k, raw=args.raw, errors="record")
     good = [r for r in results if "error" not in r]
@@ -414,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vit-mqa: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except VitMqaError as e:
-        print(f"vit-mqa: error: {e}", file=sys.stderr)
+        print(f"vit-mqa: error: {as_flags(str(e))}", file=sys.stderr)
         return 1
     except OSError as e:  # unwritable run directory, full disk, ...: the OS says it best
         print(f"vit-mqa: error: {e}", file=sys.stderr)
@@ -425,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def as_flags(message: str) -> str:
+    """A library message with its `setting` names as this command's flags (--setting)."""
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + m.group(1).replace("_", "-"),
+                  message)
 
 
 class Terminated(BaseException):

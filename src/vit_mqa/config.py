@@ -457,7 +457,7 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
     _merge(config, PRESETS[preset], f"preset {preset}")
     if init_model is not None:
         shape = {k: v for k, v in init_model.items() if k not in DERIVED_MODEL_FIELDS}
-        _merge(config, {"model": shape}, "--init-from config.json")
+        _merge(config, {"model": shape}, "`init_from` config.json")
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -486,9 +486,9 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, dict[str, Any]],
     for section, values in overrides.items():
         for key, value in values.items():
             if (section, key) not in RESUME_OVERRIDABLE:
-                allowed = ", ".join("--" + k.replace("_", "-") for _, k in RESUME_OVERRIDABLE)
-                raise VitMqaError(f"--{key.replace('_', '-')} cannot change on --resume "
-                                  f"(the run keeps its settings; allowed: {allowed})")
+                allowed = ", ".join(f"`{k}`" for _, k in RESUME_OVERRIDABLE)
+                raise VitMqaError(f"`{key}` cannot change on `resume` (the run keeps its "
+                                  f"settings; allowed: {allowed})")
             config[section][key] = checked_value(section, key, value, "resume")
     return config
 

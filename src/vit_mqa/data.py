@@ -234,7 +234,7 @@ def _download_missing(spec: IdxDatasetSpec, target: Path, mirrors: list[str]) ->
             raise VitMqaError(
                 f"{spec.name} not found locally and the download failed "
                 f"({'; '.join(errors)}). Put the four IDX files ({names}) "
-                f"in {target} or pass --data-dir DIR (or set VIT_MQA_DATA)"
+                f"in {target}, or set `data_dir` (or VIT_MQA_DATA) to where they are"
             )
 
 
@@ -301,8 +301,8 @@ def load_idx_dataset(spec: IdxDatasetSpec, data_dir: str | None = None,
                                   f"files; missing: {', '.join(absent)} (.gz or raw)")
     if not download:
         places = ", ".join(str(r / spec.directory) for r in data_roots(data_dir))
-        raise VitMqaError(f"{spec.name} not found in {places}; pass --data-dir DIR "
-                          "or allow the download")
+        raise VitMqaError(f"{spec.name} not found in {places}; set `data_dir` to where "
+                          "the files are, or allow the `download`")
     directory = download_idx_dataset(spec)
     return _read_verified(spec, directory), directory
 
@@ -389,7 +389,7 @@ def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[i
 def _holdout(split: Split, size: int, seed: int, what: str) -> tuple[Split, Split]:
     if not 0 < size < len(split) // 2 + 1:
         raise VitMqaError(f"{what} of {size} images does not fit a training set of "
-                          f"{len(split)} images; pass a smaller --val-size (a count, or a "
+                          f"{len(split)} images; pass a smaller `val_size` (a count, or a "
                           "fraction such as 0.1)")
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     keep, held = order[size:].sort().values, order[:size].sort().values

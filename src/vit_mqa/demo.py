@@ -253,7 +253,7 @@ def _check_address(host: str, port: int) -> None:
             s.bind(infos[0][4])
     except OSError as e:
         raise VitMqaError(f"cannot serve on {host}:{port}: {e.strerror or e}; choose "
-                          "another --port or --host") from None
+                          "another `port` or `host`") from None
 
 
 def serve(run_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
@@ -262,7 +262,7 @@ def serve(run_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_POR
     from .distributed import pick_device
 
     if not 0 < port < 65536:
-        raise VitMqaError(f"--port must be in 1..65535, got {port}")
+        raise VitMqaError(f"`port` must be in 1..65535, got {port}")
     import_gradio()  # the missing-extra message before loading anything else
     _check_address(host, port)
     dev = pick_device(device)

@@ -14,7 +14,8 @@ class VitMqaError(ValueError):
     """Bad input from the user: a config, a file, a path, an option.
 
     The CLI prints its message as a single line and exits non-zero; library users
-    can catch it as a ``ValueError``.
+    can catch it as a ``ValueError``. Settings and parameters are named in backticks
+    (`val_size`): the command line shows them as its flags (--val-size).
     """
 
 

@@ -65,7 +65,7 @@ def transfer_weights(model: VisionTransformer, source: VisionTransformer,
     if src.in_channels != dst.in_channels:
         raise VitMqaError(f"{where} takes {src.in_channels}-channel images and this model "
                           f"{dst.in_channels}: the patch embedding cannot be reused (convert "
-                          f"the images: --in-channels {src.in_channels})")
+                          f"the images: `in_channels` {src.in_channels})")
     state = adapt_state_dict(source.state_dict(), src, dst)
     target = model.state_dict()
     notices = []
@@ -331,7 +331,7 @@ def convert_kv_heads(model: VisionTransformer, num_kv_heads: int) -> VisionTrans
     heads (Ainslie et al. 2023). Query, output and MLP weights are kept as they are."""
     c = model.config
     if num_kv_heads < 1 or c.num_kv_heads % num_kv_heads:
-        raise VitMqaError(f"--kv-heads {num_kv_heads} must divide the model's "
+        raise VitMqaError(f"`num_kv_heads` {num_kv_heads} must divide the model's "
                           f"{c.num_kv_heads} K/V heads")
     target = ViTConfig.from_dict({**c.to_dict(), "num_kv_heads": num_kv_heads})
     converted = VisionTransformer(target)
@@ -361,11 +361,16 @@ def _pool_heads(rows: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
 
 
 def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18,
-                verify: bool = False, tolerance: float = 1e-4) -> float | None:
+                verify: bool = False, tolerance: float = 1e-4, int8: bool = False
+                ) -> float | None:
     """Export with a dynamic batch dimension (input "images", output "logits").
 
+    ``int8``: the Linear layers' weights quantised to int8, activations quantised per
+    batch at run time (ONNX Runtime's dynamic quantisation): about a quarter of the
+    file, and faster matrix products on CPUs with int8 dot-product instructions.
     ``verify`` runs the file in onnxruntime on batches of 1 and 3 random images and
-    returns the largest difference from PyTorch's logits; above ``tolerance`` the file is
+    returns the largest difference from PyTorch's logits; above ``tolerance`` (fp32
+    only: int8 rounds by design, its accuracy is measured on data instead) the file is
     removed and VitMqaError raised.
     """
     from .checkpoint import atomic_write
@@ -373,14 +378,15 @@ def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18,
     c = model.config
     example = torch.randn(2, c.in_channels, *c.image_size)
     model = model.eval()
-    if verify:
+    if verify or int8:
         try:
             import onnxruntime as ort
+            from onnxruntime.quantization import QuantType, quantize_dynamic
         except ImportError:
-            raise VitMqaError("checking the export needs onnxruntime: "
+            raise VitMqaError("checking or quantising the export needs onnxruntime: "
                               "pip install 'vit-mqa[onnx]'") from None
 
-    def write(tmp: Path) -> None:
+    def export(destination: Path) -> None:
         # The exporter narrates its passes on stdout and warns about its own internals.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -393,7 +399,22 @@ def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18,
             except ImportError as e:
                 raise VitMqaError(f"ONNX export needs onnx and onnxscript ({e.name} is "
                                   "missing): pip install 'vit-mqa[onnx]'") from None
-        program.save(str(tmp))
+        program.save(str(destination))
+
+    def write(tmp: Path) -> None:
+        if not int8:
+            export(tmp)
+            return
+        fp32 = tmp.with_name(tmp.name + ".fp32.onnx")
+        try:
+            export(fp32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs advice
+                quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
+        finally:
+            fp32.unlink(missing_ok=True)
 
     atomic_write(path, write)
     if not verify:
@@ -406,7 +427,7 @@ def export_onnx(model: VisionTransformer, path: str | Path, opset: int = 18,
             expected = model(x).numpy()
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
         worst = max(worst, float(abs(got - expected).max()))
-    if worst > tolerance:
+    if not math.isfinite(worst) or (not int8 and worst > tolerance):
         Path(path).unlink(missing_ok=True)
         raise VitMqaError(f"ONNX output differs from PyTorch by {worst:.2e} (> {tolerance:g}); "
                           "not written")

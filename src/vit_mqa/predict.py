@@ -40,9 +40,12 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu",
                  weights: str = WEIGHTS_NAME, batch_size: int = 256,
-                 procedure: str | None = None) -> None:
+                 procedure: str | None = None, onnx: str | Path | None = None) -> None:
         self.device = torch.device(device)
         self.model, config = load_model_dir(run_dir, weights, self.device)
+        # ``onnx``: the network runs from this file in onnxruntime (an `export --int8`
+        # file, say); the run still gives the classes and the preprocessing.
+        self.session = _onnx_session(onnx, self.model) if onnx is not None else None
         self.preprocess = self.model.preprocess
         if procedure is not None:
             self.preprocess.procedure = procedure
@@ -82,8 +85,14 @@ class Predictor:
         self.model.eval()
         out = []
         for start in range(0, images_uint8.shape[0], self.batch_size):
-            batch = self.preprocess(images_uint8[start:start + self.batch_size].to(self.device))
-            out.append(self.model(batch).float().softmax(dim=-1).cpu())
+            if self.session is not None:
+                batch = self.preprocess(images_uint8[start:start + self.batch_size])
+                logits = torch.from_numpy(self.session.run(None, {"images": batch.numpy()})[0])
+            else:
+                batch = self.preprocess(images_uint8[start:start + self.batch_size]
+                                        .to(self.device))
+                logits = self.model(batch)
+            out.append(logits.float().softmax(dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def evaluate_folder(self, root: str | Path, raw: bool = False) -> dict[str, Any]:
@@ -153,3 +162,28 @@ class Predictor:
                 r["top"] = [{"class": self.classes[i], "index": int(i), "probability": float(v)}
                             for v, i in zip(vs, ix)]
         return results
+
+
+def _onnx_session(path: str | Path, model: torch.nn.Module) -> Any:
+    """An onnxruntime session for an exported model, checked to take this run's input."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise VitMqaError("running an ONNX file needs onnxruntime: "
+                          "pip install 'vit-mqa[onnx]'") from None
+    if not Path(path).is_file():
+        raise VitMqaError(f"ONNX file {path} does not exist")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for a file it cannot load
+        raise VitMqaError(f"cannot load ONNX file {path}: "
+                          f"{str(e).strip().splitlines()[0][:200]}") from None
+    inputs, c = session.get_inputs(), model.config
+    expected = [c.in_channels, *c.image_size]
+    if [i.name for i in inputs] != ["images"] or list(inputs[0].shape[1:]) != expected:
+        raise VitMqaError(f"ONNX file {path} does not take this run's input "
+                          f"(images of shape [batch, {', '.join(map(str, expected))}])")
+    if session.get_outputs()[0].shape[-1] != c.num_classes:
+        raise VitMqaError(f"ONNX file {path} has {session.get_outputs()[0].shape[-1]} "
+                          f"outputs; the run has {c.num_classes} classes")
+    return session

@@ -33,7 +33,7 @@ def _summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch raises it when the tensorboard package is missing
-        raise VitMqaError("--tensorboard needs the tensorboard package: "
+        raise VitMqaError("`tensorboard` needs the tensorboard package: "
                           "pip install 'vit-mqa[tensorboard]'") from None
     return SummaryWriter
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .augment import augment
 from .checkpoint import (
     CONFIG_NAME,
@@ -263,7 +264,7 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
         if not resume and run_dir_has_files(run_dir):
             raise VitMqaError(f"run directory {run_dir} already exists and is not empty; "
-                              "choose another --out or pass --resume")
+                              "choose another, or `resume` it")
         if resume and ctx.is_main:
             remove_stale_temporaries(run_dir)
         # On an error this process exits without waiting for its peers (a barrier here could
@@ -575,7 +576,7 @@ def _diverged(run_dir: Path, epoch: int, step: int, lr: float) -> VitMqaError:
     kept = (f"{run_dir} keeps the weights and state of epoch {epoch}" if epoch > 0
             else "no epoch finished, so no weights were saved")
     return VitMqaError(f"training diverged: the loss is NaN or infinite in epoch {epoch + 1} "
-                       f"(by step {step}); {kept}; try a lower --lr (now {lr:g})")
+                       f"(by step {step}); {kept}; try a lower `lr` (now {lr:g})")
 
 
 def _metrics_epoch(path: Path, number: int, line: str) -> int:

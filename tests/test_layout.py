@@ -1,0 +1,60 @@
+"""Where things sit: every module imports only modules below it, the benchmark lives
+outside the package, and the command line answers --help without importing torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vit_mqa"
+# Lowest first: a module may import only modules before it.
+LAYERS = ["_version", "errors", "presets", "config", "attention", "checkpoint", "preprocess",
+          "model", "augment", "data", "distributed", "evaluate", "explain",
+          "tensorboard_log", "interop", "factory", "predict", "training", "report", "demo",
+          "cli", "__main__"]
+
+
+def package_imports(path: Path) -> set[str]:
+    """The package modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vit_mqa"):
+            found.add((node.module.split(".") + [""])[1] or "__init__")
+    return found
+
+
+def test_every_module_imports_only_lower_layers():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(LAYERS), "a module is missing from LAYERS (or LAYERS is stale)"
+    for name in LAYERS:
+        for dep in package_imports(PACKAGE / f"{name}.py") - {name}:
+            assert dep in LAYERS and LAYERS.index(dep) < LAYERS.index(name), \
+                f"{name} imports {dep}, which is not below it"
+
+
+def test_the_benchmark_is_not_in_the_package():
+    assert not (PACKAGE / "bench.py").exists()
+    assert (PACKAGE.parents[1] / "benchmarks" / "throughput.py").is_file()
+
+
+def test_help_and_presets_do_not_import_torch():
+    code = ("import sys, contextlib, io\n"
+            "from vit_mqa.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['predict', '--help'], ['presets']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
