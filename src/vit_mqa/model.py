@@ -12,6 +12,7 @@ blocks' outputs, and ``reset_classifier`` / ``no_weight_decay`` serve fine-tunin
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .checkpoint import (
     check_weights_file,
     load_weights,
     read_config,
+    read_weights_header,
     save_weights,
     write_json,
 )
@@ -150,6 +152,10 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.head.weight.is_meta:
+            # A shape-only skeleton (load_model_dir's check): nothing to initialise, and
+            # initialisers under the meta device would import torch's compiler (1.7 s).
+            return
         # Xavier-uniform projections, as in the original (JAX) ViT, rather than timm's
         # trunc-normal(0.02). No recorded run compares the two; the recorded ablations are
         # in docs/benchmarks.md, "Ablation: mnist-3min, one change at a time".
@@ -347,14 +353,19 @@ def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
         raise VitMqaError(f"{path}: {e}") from None
     preprocess = run_preprocess(config, model_config.image_size, model_config.in_channels, path)
     classes = run_classes(config, model_config.num_classes, path)
-    # The config is checked against the weights file's header on a skeleton that holds no
-    # memory, so a config.json that asks for a huge model fails before anything is allocated.
-    with torch.device("meta"):
-        skeleton = VisionTransformer(model_config)
-    check_weights_file(Path(directory) / weights,
-                       {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+    path = Path(directory) / weights
+    stored = sum(math.prod(shape) for shape, _ in read_weights_header(path).values())
+    wanted = model_config.num_parameters()
+    # A config.json that asks for far more than the weights file holds (which safetensors
+    # bounds by the file's size) fails before the model is built, so that a downloaded
+    # directory cannot make the loader allocate without limit. (Cheaper than a skeleton on
+    # the meta device, whose first use imports 0.4 s of torch.)
+    if wanted > 2 * stored + (1 << 20):
+        raise VitMqaError(f"weights {path} do not match the model config: the file holds "
+                          f"{stored:,} values, the config asks for {wanted:,}")
     model = VisionTransformer(model_config)
-    load_weights(model, Path(directory) / weights, map_location)
+    check_weights_file(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    load_weights(model, path, map_location)
     model.preprocess, model.classes = preprocess, classes
     return model.to(map_location).eval(), config
 

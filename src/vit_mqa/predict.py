@@ -85,15 +85,24 @@ class Predictor:
         self.model.eval()
         out = []
         for start in range(0, images_uint8.shape[0], self.batch_size):
+            chunk = images_uint8[start:start + self.batch_size]
             if self.session is not None:
-                batch = self.preprocess(images_uint8[start:start + self.batch_size])
-                logits = torch.from_numpy(self.session.run(None, {"images": batch.numpy()})[0])
+                out.append(self._onnx_probabilities(chunk))
             else:
-                batch = self.preprocess(images_uint8[start:start + self.batch_size]
-                                        .to(self.device))
-                logits = self.model(batch)
-            out.append(logits.float().softmax(dim=-1).cpu())
+                logits = self.model(self.preprocess(chunk.to(self.device)))
+                out.append(logits.float().softmax(dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def _onnx_probabilities(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        # All in numpy: a torch operation between onnxruntime calls leaves torch's threads
+        # spinning while onnxruntime works, which halved its throughput on 2 cores.
+        p = self.preprocess
+        mean = np.asarray(p.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(p.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        x = (images_uint8.numpy().astype(np.float32) / 255 - mean) / std
+        logits = self.session.run(None, {"images": x})[0].astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return torch.from_numpy((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
 
     def evaluate_folder(self, root: str | Path, raw: bool = False) -> dict[str, Any]:
         """Accuracy on a folder of images laid out root/<class name>/..., after the run's
