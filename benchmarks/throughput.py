@@ -536,6 +536,48 @@ def scaling(shape: Shape, batch_sizes: list[int], image_sizes: list[int], modes:
     return rows
 
 
+def kv_bytes_per_image(shape: Shape, kv_heads: int, bytes_per_value: int = 4) -> int:
+    """Bytes of K and V activations one image's forward pass writes and attention reads:
+    every layer, every token, K and V for each K/V head."""
+    head_dim = shape.dim // shape.num_heads
+    return 2 * shape.depth * shape.tokens * kv_heads * head_dim * bytes_per_value
+
+
+def kv_scaling(base: Shape, image_sizes: list[int], batch_sizes: list[int], modes: list[str],
+               opts: BenchOptions, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Where MQA pays: MQA, GQA (half the heads) and MHA of one shape at several token
+    counts and batch sizes. Each point times the three in turn (round robin) and reports
+    images/s, FLOPs, the step's memory and the K/V activation bytes per image."""
+    variants = {"MQA": 1, "GQA": base.num_heads // 2, "MHA": base.num_heads}
+    if base.num_heads % 2 or variants["GQA"] in (1, base.num_heads):
+        del variants["GQA"]
+    rows = []
+    for mode in modes:
+        for size in image_sizes:
+            shape = dataclasses.replace(base, image_size=size)
+            for batch in batch_sizes:
+                runners = []
+                for name, kv in variants.items():
+                    torch.manual_seed(0)
+                    runner = make_runner(f"vit-mqa-{name.lower()}", name,
+                                         build_vit_mqa(shape, kv), mode, shape, batch, opts)
+                    prepare(runner, opts)
+                    runners.append((runner, kv))
+                time_round_robin([r for r, _ in runners], opts)
+                mha = statistics.median(runners[-1][0].rates)
+                for runner, kv in runners:
+                    rate = statistics.median(runner.rates)
+                    rows.append({"mode": mode, "attention": runner.label, "kv_heads": kv,
+                                 "image_size": size, "tokens": shape.tokens,
+                                 "batch_size": batch, "images_per_s": rate,
+                                 "vs_mha": rate / mha,
+                                 "flops_per_image": runner.flops_per_image,
+                                 "step_memory_mib": runner.step_memory_mib,
+                                 "kv_bytes_per_image": kv_bytes_per_image(shape, kv)})
+                say(f"kv scaling {mode}: {shape.tokens} tokens, batch {batch}")
+    return rows
+
+
 # ----- levers: each measured against the default path, everything else fixed --------
 
 
@@ -828,25 +870,28 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables."""
     env = report["environment"]
-    peaks = report["matmul_peak_gflops"]
     where = env.get("gpu") or env["processor"]
     lines = [f"Device: {env['device']} ({where}); torch {env['torch']}, "
              f"{env['threads']} threads, CPU capability {env['cpu_capability']}; "
-             f"dtype {report['options']['dtype']}, compile {report['options']['compile']}.",
-             f"Dense-matmul peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, "
-             f"bf16 {peaks['bf16']:,.0f} GFLOP/s.", ""]
-    lines += markdown_table(
-        ["shape (tokens)", "mode", "batch", "implementation", "params", "GFLOP/img",
-         "images/s", "vs fastest peer", "GFLOP/s", "% of peak", "step memory MiB"],
-        [[f"{r['shape']} ({r['tokens']})", r["mode"], str(r["batch_size"]), r["label"],
-          f"{r['parameters']:,}", f"{r['flops_per_image'] / 1e9:.3f}",
-          f"{r['images_per_s']:,.0f}",
-          f"{r['vs_fastest_peer']:.2f}x" if r.get("vs_fastest_peer") else "-",
-          f"{r['gflops_per_s']:,.1f}",
-          f"{100 * r['fraction_of_peak']:.0f}%" if r["fraction_of_peak"] else "-",
-          f"{r['step_memory_mib']:.0f}" if r["step_memory_mib"] is not None else "-"]
-         for r in report["results"]])
-    for s in report["skipped"]:
+             f"dtype {report['options']['dtype']}, compile {report['options']['compile']}."]
+    if "matmul_peak_gflops" in report:
+        peaks = report["matmul_peak_gflops"]
+        lines.append(f"Dense-matmul peak: fp32 {peaks['fp32']:,.0f} GFLOP/s, "
+                     f"bf16 {peaks['bf16']:,.0f} GFLOP/s.")
+    lines.append("")
+    if report.get("results"):
+        lines += markdown_table(
+            ["shape (tokens)", "mode", "batch", "implementation", "params", "GFLOP/img",
+             "images/s", "vs fastest peer", "GFLOP/s", "% of peak", "step memory MiB"],
+            [[f"{r['shape']} ({r['tokens']})", r["mode"], str(r["batch_size"]), r["label"],
+              f"{r['parameters']:,}", f"{r['flops_per_image'] / 1e9:.3f}",
+              f"{r['images_per_s']:,.0f}",
+              f"{r['vs_fastest_peer']:.2f}x" if r.get("vs_fastest_peer") else "-",
+              f"{r['gflops_per_s']:,.1f}",
+              f"{100 * r['fraction_of_peak']:.0f}%" if r["fraction_of_peak"] else "-",
+              f"{r['step_memory_mib']:.0f}" if r["step_memory_mib"] is not None else "-"]
+             for r in report["results"]])
+    for s in report.get("skipped", []):
         lines.append(f"\nSkipped {s['impl']} ({s['shape']}, {s['mode']}): {s['reason']}")
     if report.get("pipeline"):
         lines += [""] + markdown_table(
@@ -860,6 +905,15 @@ def markdown(report: dict[str, Any]) -> str:
             [[v["shape"], v["mode"], v["description"], f"{v['default_images_per_s']:,.0f}",
               f"{v['changed_images_per_s']:,.0f}", f"{v['ratio']:.2f}x"]
              for v in report["levers"]])
+    if report.get("kv_scaling"):
+        lines += [""] + markdown_table(
+            ["mode", "tokens (px)", "batch", "attention", "images/s", "vs MHA", "GFLOP/img",
+             "step memory MiB", "K/V activations per image"],
+            [[s["mode"], f"{s['tokens']} ({s['image_size']})", str(s["batch_size"]),
+              f"{s['attention']} ({s['kv_heads']} K/V)", f"{s['images_per_s']:,.1f}",
+              f"{s['vs_mha']:.2f}x", f"{s['flops_per_image'] / 1e9:.2f}",
+              "-" if s["step_memory_mib"] is None else f"{s['step_memory_mib']:,.0f}",
+              f"{s['kv_bytes_per_image'] / 2**10:,.0f} KiB"] for s in report["kv_scaling"]])
     if report.get("scaling"):
         lines += [""] + markdown_table(
             ["mode", "attention", "batch", "image", "tokens", "images/s"],
@@ -904,6 +958,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--levers", nargs="?", const="all", metavar="NAMES",
                    help="also each speed lever (or the comma-separated ones named), measured "
                    "against the default path")
+    b.add_argument("--kv-scaling", action="store_true",
+                   help="only the MQA / GQA / MHA table of the first shape against token "
+                   "count and batch size (where MQA pays)")
+    b.add_argument("--kv-image-sizes", default="128,224,384,512",
+                   help="image sides for --kv-scaling (default 128,224,384,512: 65 to 1025 "
+                   "tokens at patch 16)")
+    b.add_argument("--kv-batch-sizes", default="1,16", help="batch sizes for --kv-scaling")
     b.add_argument("--json-out", metavar="FILE", help="write the full report as JSON")
     b.add_argument("--markdown-out", metavar="FILE", help="write the tables to a file too")
 
@@ -922,6 +983,24 @@ def main(argv: list[str] | None = None) -> int:
         opts = BenchOptions(device, dtype, args.compile, args.repeats, args.min_time,
                             threads=args.threads)
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+        say = log if sys.stderr.isatty() or os.environ.get("VIT_MQA_VERBOSE") else (
+            lambda m: None)
+        if args.kv_scaling:
+            shape = split(args.shapes)[0]
+            if shape not in SHAPES:
+                raise VitMqaError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            report = {"environment": environment(device),
+                      "options": {"dtype": dtype, "compile": args.compile,
+                                  "repeats": args.repeats, "min_time": args.min_time},
+                      "kv_scaling": kv_scaling(
+                          SHAPES[shape], [int(s) for s in split(args.kv_image_sizes)],
+                          [int(b) for b in split(args.kv_batch_sizes)], split(args.modes),
+                          opts, say)}
+            write_report(report, args.json_out, args.markdown_out)
+            print(markdown(report), end="")
+            return 0
         report = run_benchmark(
             split(args.shapes), split(args.impls), split(args.modes), opts,
             train_batch=args.batch_size, infer_batch=args.infer_batch_size,

@@ -222,3 +222,17 @@ def test_levers_table_compares_against_the_default_path():
     for r in rows:
         assert r["default_images_per_s"] > 0 and r["changed_images_per_s"] > 0
 
+
+
+def test_kv_scaling_compares_mqa_gqa_and_mha_at_each_point():
+    rows = bench.kv_scaling(TINY, [16, 32], [2], ["infer"], CPU, lambda m: None)
+    assert [(r["attention"], r["kv_heads"], r["tokens"]) for r in rows] == [
+        ("MQA", 1, 17), ("GQA", 2, 17), ("MHA", 4, 17),
+        ("MQA", 1, 65), ("GQA", 2, 65), ("MHA", 4, 65)]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["flops_per_image"] > 0
+        # K and V, every layer and token, head_dim 8, fp32.
+        assert r["kv_bytes_per_image"] == 2 * TINY.depth * r["tokens"] * r["kv_heads"] * 8 * 4
+    assert rows[2]["vs_mha"] == 1.0
+    # One K/V head: fewer projection FLOPs than four, at the same token count.
+    assert rows[0]["flops_per_image"] < rows[2]["flops_per_image"]
