@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights(e)
     e.add_argument("--data-dir", help="where the dataset files are (default: the run's, then "
                    "the lookup order)")
+    e.add_argument("--tta", choices=("none", "flip", "shift", "flip+shift"), default="none",
+                   help="test-time augmentation: average the probabilities of a horizontal "
+                   "flip and/or 1-pixel shifts (default: none)")
     _add_device(e)
     _add_json(e, "the report")
 
@@ -314,14 +317,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, config, data = load_run(args.run_dir, _weights_name(args.weights), device,
                                    args.data_dir)
     split = data.test if args.split == "test" else data.val
-    result = evaluate(model, split, model.preprocess, device=device)
+    result = evaluate(model, split, model.preprocess, device=device, tta=args.tta)
     report = classification_report(result["predictions"], split.labels, data.classes)
-    report = {"split": args.split, "run_dir": str(args.run_dir), "loss": result["loss"], **report}
+    report = {"split": args.split, "run_dir": str(args.run_dir), "tta": args.tta,
+              "loss": result["loss"], **report}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    views = "" if args.tta == "none" else f", test-time augmentation {args.tta}"
     print(f"{args.split} accuracy: {100 * report['accuracy']:.2f}% on {report['num_images']} "
-          f"images (loss {report['loss']:.4f})")
+          f"images (loss {report['loss']:.4f}{views})")
     width = max(len(c) for c in data.classes)
     print("per-class accuracy:")
     for name, stats in report["per_class"].items():

@@ -13,27 +13,57 @@ from .data import Data, Split
 from .errors import VitMqaError
 from .preprocess import Preprocess
 
+# Test-time augmentation: the views whose class probabilities are averaged. Shifts move
+# the image one pixel up, down, left or right (the background, 0, fills in); the flip is
+# horizontal (clothing, not digits).
+TTA = ("none", "flip", "shift", "flip+shift")
+
+
+def tta_views(images: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """uint8 or float images (N, C, H, W) -> the views that ``tta`` averages over."""
+    if tta not in TTA:
+        raise VitMqaError(f"unknown `tta` {tta!r}: use one of {', '.join(TTA)}")
+    views = [images]
+    if "flip" in tta:
+        views.append(images.flip(-1))
+    if "shift" in tta:
+        for base in list(views):
+            for dim, step in ((-2, 1), (-2, -1), (-1, 1), (-1, -1)):
+                moved = base.roll(step, dims=dim)
+                edge = 0 if step == 1 else -1  # the row or column that wrapped around
+                moved.select(dim, edge).zero_()
+                views.append(moved)
+    return views
+
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess: Preprocess,
                    batch_size: int = 1000, device: torch.device | str = "cpu",
-                   bf16: bool = False) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 logits (N, classes) on the CPU."""
+                   bf16: bool = False, tta: str = "none") -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 logits (N, classes) on the CPU. With test-time
+    augmentation the result is the log of the views' mean probabilities."""
     model.eval()
     device = torch.device(device)
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out.append(model(x).float().cpu())
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        probs = []
+        for view in tta_views(batch, tta):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(preprocess(view)).float()
+            if tta == "none":
+                break
+            probs.append(logits.softmax(dim=-1))
+        out.append((logits if tta == "none" else torch.stack(probs).mean(0).log()).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate(model: torch.nn.Module, split: Split, preprocess: Preprocess,
              batch_size: int = 1000, device: torch.device | str = "cpu",
-             bf16: bool = False) -> dict[str, Any]:
-    """Loss and accuracy of the model on a split (predictions kept for reports)."""
-    logits = predict_logits(model, split.images, preprocess, batch_size, device, bf16)
+             bf16: bool = False, tta: str = "none") -> dict[str, Any]:
+    """Loss and accuracy of the model on a split (predictions kept for reports);
+    ``tta``: test-time augmentation, one of TTA."""
+    logits = predict_logits(model, split.images, preprocess, batch_size, device, bf16, tta)
     predictions = logits.argmax(dim=1)
     return {
         "loss": F.cross_entropy(logits, split.labels).item(),
