@@ -935,6 +935,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _positive_ints(text: str, flag: str) -> list[int]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise VitMqaError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return [int(v) for v in values]
+
+
 def main(argv: list[str] | None = None) -> int:
     b = argparse.ArgumentParser(description="Training and inference throughput of vit-mqa "
                                 "beside vit-pytorch and Hugging Face ViT, at equal shapes.")
@@ -995,9 +1002,9 @@ def main(argv: list[str] | None = None) -> int:
                       "options": {"dtype": dtype, "compile": args.compile,
                                   "repeats": args.repeats, "min_time": args.min_time},
                       "kv_scaling": kv_scaling(
-                          SHAPES[shape], [int(s) for s in split(args.kv_image_sizes)],
-                          [int(b) for b in split(args.kv_batch_sizes)], split(args.modes),
-                          opts, say)}
+                          SHAPES[shape], _positive_ints(args.kv_image_sizes, "--kv-image-sizes"),
+                          _positive_ints(args.kv_batch_sizes, "--kv-batch-sizes"),
+                          split(args.modes), opts, say)}
             write_report(report, args.json_out, args.markdown_out)
             print(markdown(report), end="")
             return 0

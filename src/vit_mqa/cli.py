@@ -229,8 +229,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.image_size:
         if len(args.image_size) > 2:
             raise VitMqaError("--image-size takes H or H W")
-        model = resize_model(model, tuple(args.image_size * 2)[:2] if len(args.image_size) == 1
-                             else tuple(args.image_size))
+        size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
+        model = resize_model(model, (size[0], size[1]))
     save_model_dir(model, dest, {**extras, "imported_from": str(args.source)})
     mc = model.config
     print(f"imported {args.source} -> {dest} ({mc.depth} layers, dim {mc.dim}, "

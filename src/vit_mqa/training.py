@@ -444,6 +444,7 @@ def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, step_losses, stopped_early = 0, [], False
+    keep_losses = cfg.tensorboard and ctx.is_main  # per-step losses only for TensorBoard
     epoch_start = time.perf_counter()
     bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=True if run.quiet or not ctx.is_main else None, leave=False,
@@ -461,7 +462,8 @@ def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
         progress.step += 1
         seen += y.shape[0]
         loss_sum += loss.detach() * y.shape[0]
-        step_losses.append(loss.detach())
+        if keep_losses:
+            step_losses.append(loss.detach())
         correct += (logits.detach().argmax(dim=1) == y).sum()
         # One process checks as it goes; several check together after the epoch, so that
         # they all stop at the same point.
