@@ -95,6 +95,8 @@ def test_pretrained_that_does_not_fit_the_preset_is_a_clear_error(pretrained):
         create_model("mnist-fast", pretrained=path, depth=2, num_kv_heads=2)
     with pytest.raises(VitMqaError, match="is not a directory"):
         create_model("mnist-fast", pretrained=path / "missing")
+    with pytest.raises(VitMqaError, match="takes 1-channel images and this model 3"):
+        create_model("mnist-fast", pretrained=path, in_channels=3)
 
 
 def test_the_package_exports_the_public_api():

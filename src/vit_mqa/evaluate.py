@@ -47,14 +47,11 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess: Pre
     out = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
-        probs = []
-        for view in tta_views(batch, tta):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(preprocess(view)).float()
-            if tta == "none":
-                break
-            probs.append(logits.softmax(dim=-1))
-        out.append((logits if tta == "none" else torch.stack(probs).mean(0).log()).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            views = [model(preprocess(view)).float() for view in tta_views(batch, tta)]
+        logits = (views[0] if len(views) == 1
+                  else torch.stack([v.softmax(dim=-1) for v in views]).mean(0).log())
+        out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

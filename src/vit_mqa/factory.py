@@ -53,11 +53,8 @@ def create_model(name_or_preset: str | None = None, pretrained: str | Path | Non
     if source is None:
         return VisionTransformer(config)
 
-    if config.in_channels != source.config.in_channels:
-        raise VitMqaError(f"{pretrained} takes {source.config.in_channels}-channel images; "
-                          f"in_channels={config.in_channels} cannot reuse its patch embedding")
     model = VisionTransformer(config)
-    transfer_weights(model, source, pretrained)
+    transfer_weights(model, source, pretrained)  # refuses another channel count
     model.preprocess = dataclasses.replace(source.preprocess, image_size=config.image_size)
     if config.num_classes == source.config.num_classes:
         model.classes = list(source.classes)
