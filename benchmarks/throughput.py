@@ -482,7 +482,7 @@ def pipeline_share(shape: Shape, batch_size: int, opts: BenchOptions,
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         i = next(counter) % steps_per_epoch
         return make_batch(images, labels, order[i * batch_size:(i + 1) * batch_size], pre, aug,
-                          aug_gen)
+                          aug_gen, model.config.num_classes)
 
     def full_step() -> Any:
         x, y = batch()

@@ -7,6 +7,7 @@ from vit_mqa.augment import (
     AugmentConfig,
     affine_theta,
     augment,
+    mix_batch,
     random_affine,
     random_erase,
     random_hflip,
@@ -119,3 +120,64 @@ def test_erase_and_flip_bad_settings():
         AugmentConfig(hflip=1.5).validate()
     with pytest.raises(VitMqaError, match="erase_min_area"):
         AugmentConfig(erase=0.5, erase_min_area=0.5, erase_max_area=0.2).validate()
+
+
+def _numbered_batch(n=6, size=16):
+    """Image i is filled with the value i + 1; label i is i."""
+    images = (torch.arange(n, dtype=torch.float32) + 1)[:, None, None, None]
+    return images.expand(n, 1, size, size).clone(), torch.arange(n)
+
+
+def test_mixup_blends_each_image_with_its_partner_and_the_targets_alike():
+    images, labels = _numbered_batch()
+    cfg = AugmentConfig(mixup=0.4)
+    mixed, targets = mix_batch(images, labels, 8, cfg, torch.Generator().manual_seed(3))
+    assert targets.shape == (6, 8)
+    torch.testing.assert_close(targets.sum(1), torch.ones(6))
+    for i in range(6):  # image i is w * (i + 1) + (1 - w) * (partner + 1), uniformly
+        partner = 5 - i
+        w = targets[i, i].item() if i != partner else 1.0
+        assert w == pytest.approx(targets[partner, partner].item())  # one weight per batch
+        torch.testing.assert_close(mixed[i], w * images[i] + (1 - w) * images[partner])
+        assert targets[i, partner].item() == pytest.approx(1 - w)
+
+
+def test_cutmix_pastes_one_box_and_weighs_targets_by_its_area():
+    images, labels = _numbered_batch(size=20)
+    cfg = AugmentConfig(cutmix=1.0)
+    for seed in range(8):
+        mixed, targets = mix_batch(images, labels, 6, cfg, torch.Generator().manual_seed(seed))
+        pasted = mixed[0] == images[5]  # image 0's partner is image 5
+        share = pasted.float().mean().item()
+        assert targets[0, 5].item() == pytest.approx(share)
+        assert targets[0, 0].item() == pytest.approx(1 - share)
+        if share:  # the pasted pixels form one rectangle
+            rows, cols = pasted[0].any(1).nonzero(), pasted[0].any(0).nonzero()
+            box = pasted[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert bool(box.all())
+
+
+def test_mixing_is_seeded_and_off_means_one_hot_targets():
+    images, labels = _numbered_batch()
+    cfg = AugmentConfig(mixup=0.8, cutmix=1.0)
+    a = mix_batch(images, labels, 6, cfg, torch.Generator().manual_seed(1))
+    b = mix_batch(images, labels, 6, cfg, torch.Generator().manual_seed(1))
+    c = mix_batch(images, labels, 6, cfg, torch.Generator().manual_seed(2))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    for off in (AugmentConfig(), AugmentConfig(mixup=0.8, mix_prob=0.0)):
+        same, targets = mix_batch(images, labels, 6, off, torch.Generator().manual_seed(1))
+        assert same is images and torch.equal(targets, torch.eye(6))
+    # With both on, batches take either: some pasted boxes, some blends.
+    kinds = set()
+    for seed in range(20):
+        mixed, _ = mix_batch(images, labels, 6, cfg, torch.Generator().manual_seed(seed))
+        blended = not torch.isin(mixed[0], images.unique()).all()
+        kinds.add("mixup" if blended else "cutmix")
+    assert kinds == {"mixup", "cutmix"}
+
+
+@pytest.mark.parametrize("kw", [dict(mixup=-0.1), dict(cutmix=1000.0), dict(mix_prob=1.5)])
+def test_mix_bad_settings(kw):
+    with pytest.raises(VitMqaError, match="need mixup and cutmix in"):
+        AugmentConfig(**kw)

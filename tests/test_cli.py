@@ -83,6 +83,11 @@ def test_predictor_api_matches_cli(trained_run, mnist_test_arrays, tmp_path):
     (["train", "--dataset", "cifar-11"], ["unknown dataset 'cifar-11'"]),
     (["train", "--epochs", "0"], ["epochs must be >= 1"]),
     (["train", "--lr", "fast"], ["invalid float value: 'fast'"]),
+    (["train", "--time-budget", "3 fortnights"], ["--time-budget", "not a duration"]),
+    (["train", "--time-budget", "-300"], ["time_budget must be 0 (off) to"]),
+    (["train", "--stem", "conv", "--patch-size", "1"], ["halves the image 0 times"]),
+    (["train", "--mixup", "-1"], ["need mixup and cutmix in [0, 100]"]),
+    (["train", "--select", "first"], ["invalid choice: 'first'"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 ])
 def test_bad_train_input_one_line_and_nothing_written(args, fragments, tmp_path, data_root):

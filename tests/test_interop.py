@@ -180,6 +180,37 @@ def test_transfer_to_other_classes_keeps_the_backbone_and_makes_a_new_head():
         transfer_weights(rgb, source, "src")
 
 
+def test_transfer_refuses_another_stem_and_keeps_a_conv_stem():
+    torch.manual_seed(0)
+    conv = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2,
+                                       stem="conv"))
+    patch = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2))
+    with pytest.raises(VitMqaError, match="src has a conv stem and this model a patch stem"):
+        transfer_weights(patch, conv, "src")
+    # Fine-tuning at 42 px: the stem's weights carry over, the grid grows to 6x6.
+    bigger = VisionTransformer(ViTConfig(image_size=42, patch_size=7, dim=32, depth=2,
+                                         stem="conv", num_classes=3))
+    transfer_weights(bigger, conv, "src")
+    torch.testing.assert_close(bigger.patch_embed.layers[0].weight,
+                               conv.patch_embed.layers[0].weight)
+    assert bigger.pos_embed.shape[1] == 1 + 6 * 6
+
+
+def test_onnx_export_and_kv_conversion_of_a_conv_stem_model(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(image_size=28, patch_size=4, dim=32, depth=2,
+                                        num_kv_heads=2, stem="conv"))
+    model.train()
+    model(torch.randn(16, 1, 28, 28))  # BatchNorm statistics that are not the defaults
+    model.eval()
+    worst = export_onnx(model, tmp_path / "m.onnx", verify=True)
+    assert worst is not None and worst < 1e-4
+    x = torch.randn(2, 1, 28, 28)
+    mqa = convert_kv_heads(model, 1)
+    assert mqa.config.stem == "conv"
+    torch.testing.assert_close(mqa.patch_embed(x), model.patch_embed(x), rtol=0, atol=0)
+
+
 def test_convert_to_the_same_head_count_changes_nothing():
     torch.manual_seed(0)
     mha = VisionTransformer(ViTConfig(dim=48, depth=2, num_heads=4, num_kv_heads=4)).eval()

@@ -13,6 +13,8 @@ CONFIGS = [
     dict(pooling="mean", pos_embed="sincos2d"),
     dict(image_size=(32, 48), patch_size=8, in_channels=3, num_classes=7, dim=48,
          num_heads=6, num_kv_heads=3, mlp_ratio=2.5),
+    dict(stem="conv", patch_size=7, pooling="mean"),
+    dict(stem="conv", image_size=(32, 48), patch_size=8, in_channels=3, dim=48, num_heads=6),
 ]
 
 
@@ -61,6 +63,10 @@ def test_unknown_config_key_is_an_error():
     (dict(dim=30, num_heads=4), "dim 30 is not divisible by num_heads 4"),
     (dict(pooling="max"), "pooling must be"),
     (dict(pos_embed="rope"), "pos_embed must be"),
+    (dict(stem="resnet"), "model.stem must be one of patch, conv"),
+    (dict(stem="conv", image_size=224, patch_size=14),
+     "halves the image 4 times, which makes a 14x14 grid from 224x224, not the 16x16"),
+    (dict(stem="conv", patch_size=1), "halves the image 0 times"),
 ])
 def test_bad_configs_are_clear_errors(kw, message):
     with pytest.raises(VitMqaError, match=message):
@@ -288,3 +294,37 @@ def test_patch_embedding_matches_the_strided_convolution():
     conv = model.patch_embed.proj
     expected = conv(x).flatten(2).transpose(1, 2)
     torch.testing.assert_close(model.patch_embed(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("image_size, patch_size, grid, widths", [
+    (28, 7, (4, 4), [16, 32, 64]), (28, 4, (7, 7), [32, 64]), (224, 16, (14, 14), [8, 16, 32, 64]),
+    ((32, 48), 8, (4, 6), [16, 32, 64]), (28, 2, (14, 14), [64]),
+])
+def test_conv_stem_makes_the_patch_grid_with_overlapping_fields(image_size, patch_size, grid,
+                                                                widths):
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image_size, patch_size=patch_size, stem="conv", dim=64)
+    model = VisionTransformer(config).eval()
+    assert config.stem_widths == widths and config.grid_size == grid
+    x = torch.randn(2, 1, *config.image_size)
+    assert model.patch_embed(x).shape == (2, grid[0] * grid[1], 64)
+    assert model(x).shape == (2, 10)
+    # Unlike a patch's, a token's view reaches past its patch: changing the last pixel of
+    # the first patch changes the second token too.
+    y = x.clone()
+    y[0, 0, 0, patch_size - 1] += 1.0
+    second = model.patch_embed(x)[0, 1] - model.patch_embed(y)[0, 1]
+    assert second.abs().max() > 0
+
+
+def test_conv_stem_round_trips_with_its_batchnorm_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(stem="conv", patch_size=7, dim=32, depth=1))
+    model.train()
+    model(torch.randn(8, 1, 28, 28) * 3 + 1)  # moves the running statistics
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = VisionTransformer.from_pretrained(tmp_path / "m")
+    assert loaded.config.stem == "conv"
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -392,3 +392,53 @@ def test_init_from_reads_a_folder_at_the_source_size_and_refuses_other_channels(
     config = json.loads((tmp_path / "run2" / "config.json").read_text())
     assert config["model"]["image_size"] == source["image_size"]
     assert config["model"]["in_channels"] == 1 and config["data"]["in_channels"] == 1
+
+
+def test_conv_stem_with_mixup_and_cutmix_resumes_exactly(small_mnist, tmp_path):
+    """The mixing draws come from the per-epoch generators, so a resumed run replays them;
+    the stem's BatchNorm statistics are saved and restored with the weights."""
+    overrides = {**TINY, "epochs": 2, "stem": "conv", "patch_size": 7, "mixup": 0.8,
+                 "cutmix": 1.0, "mix_prob": 0.8}
+    results = train(build_config(overrides=overrides), tmp_path / "full", data=small_mnist,
+                    quiet=True)
+    first = build_config(overrides={**overrides, "max_steps": len(small_mnist.train) // 32})
+    train(first, tmp_path / "part", data=small_mnist, quiet=True)
+    train({"train": {"max_steps": 0}}, tmp_path / "part", resume=True, data=small_mnist,
+          quiet=True)
+    full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert full["patch_embed.layers.1.num_batches_tracked"].item() == 2 * 62
+    assert results["test_accuracy"] > 0.3  # it learns (chance: 0.1)
+    # Mixed targets: training accuracy counts the larger share, so it stays a fraction.
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["train_accuracy"] <= 1 for r in lines)
+
+
+def test_select_last_keeps_and_tests_the_last_epoch(small_mnist, tmp_path):
+    config = build_config(overrides={**TINY, "epochs": 3, "max_steps": 150, "select": "last"})
+    results = train(config, tmp_path / "run", data=small_mnist, quiet=True)
+    kept, last = _weights(tmp_path / "run", "model.safetensors"), _weights(tmp_path / "run")
+    assert all(torch.equal(kept[k], last[k]) for k in kept)
+    assert results["best_epoch"] == 3 and results["steps"] == 150
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert results["best_val_accuracy"] == lines[-1]["val_accuracy"]
+
+
+def test_time_budget_stops_at_the_budget_and_caps_at_epochs(small_mnist, tmp_path):
+    # A budget far below one epoch: training stops at the first check (step 20).
+    short = build_config(overrides={**TINY, "epochs": 5, "time_budget": 1e-3})
+    results = train(short, tmp_path / "short", data=small_mnist, quiet=True)
+    assert results["steps"] == 20 and results["best_epoch"] == 1
+    # A budget far above the run: the plan is capped at `epochs`, and a resume keeps the
+    # plan (a plain run's length would follow the new `epochs`).
+    spe = len(small_mnist.train) // 32
+    long = build_config(overrides={**TINY, "epochs": 3, "time_budget": 1e6, "max_steps": spe})
+    train(long, tmp_path / "long", data=small_mnist, quiet=True)
+    train({"train": {"max_steps": 0, "epochs": 4}}, tmp_path / "long", resume=True,
+          data=small_mnist, quiet=True)
+    state = torch.load(tmp_path / "long" / "training_state.pt", weights_only=True)
+    assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 3 * spe
+    assert state["step"] == 3 * spe
+    lines = [json.loads(x) for x in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["lr"] == pytest.approx(1e-5)  # the cosine ended with the plan

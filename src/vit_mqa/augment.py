@@ -3,13 +3,15 @@
 One random affine transform per image (rotation, isotropic scale, translation),
 applied to the whole batch with a single ``affine_grid`` + ``grid_sample``; then,
 where switched on, a random horizontal flip and random erasing (Zhong et al. 2017),
-both as whole-batch masks. All randomness comes from an explicit ``torch.Generator``
-so that a seed fixes it and a checkpoint can store its state.
+both as whole-batch masks. ``mix_batch`` then applies mixup or CutMix to the batch and
+its targets. All randomness comes from an explicit ``torch.Generator`` so that a seed
+fixes it and a checkpoint can store its state.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +107,36 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Resample images (B, C, H, W) through affine matrices (B, 2, 3); outside is 0."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              config: AugmentConfig, generator: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix of a batch with itself reversed, as in timm's batch mode: one weight
+    per batch, drawn from Beta(alpha, alpha). Returns the images and soft targets (B,
+    num_classes) that weigh each image's two labels by its share of the blend (CutMix: of
+    the pixels, after the box is clipped to the image)."""
+    targets = F.one_hot(labels, num_classes).float()
+    if not config.mixes:
+        return images, targets
+    # One draw from the batch's generator seeds this batch's choices: Beta sampling has no
+    # torch.Generator argument, and the decisions are a handful of scalars.
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+    rng = random.Random(int(seed))
+    if rng.random() >= config.mix_prob:
+        return images, targets
+    partner = images.flip(0)
+    if config.cutmix > 0 and (config.mixup == 0 or rng.random() < 0.5):
+        H, W = images.shape[-2:]
+        side = math.sqrt(1.0 - rng.betavariate(config.cutmix, config.cutmix))
+        h, w = round(H * side), round(W * side)
+        cy, cx = rng.randrange(H), rng.randrange(W)
+        top, bottom = max(cy - h // 2, 0), min(cy + h - h // 2, H)
+        left, right = max(cx - w // 2, 0), min(cx + w - w // 2, W)
+        images = images.clone()
+        images[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        weight = 1.0 - (bottom - top) * (right - left) / (H * W)
+    else:
+        weight = rng.betavariate(config.mixup, config.mixup)
+        images = torch.lerp(partner, images, weight)
+    return images, torch.lerp(targets.flip(0), targets, weight)

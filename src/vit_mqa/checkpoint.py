@@ -217,13 +217,16 @@ def describe_mismatch(found: dict[str, tuple[int, ...]],
 
 
 def check_weights_file(path: str | Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """The file's tensors have exactly the expected names and shapes, and float dtypes;
+    """The file's tensors have exactly the expected names and shapes, and float dtypes
+    (BatchNorm's counters: int64);
     checked from the header before anything is read or built."""
     header = read_weights_header(path)
     mismatch = describe_mismatch({k: shape for k, (shape, _) in header.items()}, expected)
     if mismatch:
         raise VitMqaError(f"weights {path} do not match the model config: {mismatch}")
-    not_float = sorted(k for k, (_, dtype) in header.items() if dtype not in _FLOAT_DTYPES)
+    # BatchNorm's step counter (in the conv stem) is the one integer tensor.
+    not_float = sorted(k for k, (_, dtype) in header.items() if dtype not in _FLOAT_DTYPES
+                       and not (k.endswith(".num_batches_tracked") and dtype == "I64"))
     if not_float:
         k = not_float[0]
         raise VitMqaError(f"weights {path}: {k} is {header[k][1]}, not a float tensor")

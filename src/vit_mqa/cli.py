@@ -28,8 +28,18 @@ _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
                            "int | None": int, "str | None": str, "float | None": float}
 
 
+def _duration(text: str) -> float:
+    from .config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_PARSERS: dict[str, Any] = {"time_budget": _duration}
 _METAVARS = {"int": "N", "float": "X", "str": "TEXT", "dataset": "NAME_OR_FOLDER",
-             "data_dir": "DIR", "device": "DEVICE"}
+             "data_dir": "DIR", "device": "DEVICE", "time_budget": "DURATION"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +63,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             if section == "model" and f.name in DERIVED_MODEL_FIELDS:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            kind = _TYPES.get(str(f.type))
+            kind = _PARSERS.get(f.name) or _TYPES.get(str(f.type))
             if kind is None:
                 raise TypeError(f"no flag type for {section}.{f.name}: {f.type}")
             default = defaults[section][f.name]
@@ -82,8 +92,9 @@ def _add_top_k(parser: argparse.ArgumentParser) -> None:
 
 def _add_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=("best", "last"), default="best",
-                        help="the best epoch's weights by validation accuracy, or the last "
-                        "epoch's (default: best)")
+                        help="the run's selected weights (the best epoch by validation "
+                        "accuracy, or the last with --select last), or the last epoch's "
+                        "(default: best)")
 
 
 def _add_json(parser: argparse.ArgumentParser, what: str) -> None:

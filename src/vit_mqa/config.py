@@ -33,11 +33,25 @@ IDX_DATASETS = ("mnist", "fashion-mnist")
 RESIZES = ("stretch", "pad", "center-crop")
 # Settings whose value is one of a few names; the flags list them.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "stem": ("patch", "conv"),
     "pooling": ("cls", "mean"),
     "pos_embed": ("learned", "sincos2d"),
     "resize": RESIZES,
     "init_normalization": ("source", "data"),
+    "select": ("best", "last"),
 }
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "180", "180s", "3m", "3min", "1.5h"."""
+    units = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    number = text.strip().rstrip("".join(units)).strip()
+    unit = text.strip()[len(number):].strip() or "s"
+    try:
+        seconds = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"not a duration: {text!r} (e.g. 180, 180s, 3m, 1h)") from None
+    return seconds
 
 
 def _pair(value: object) -> tuple[int, int]:
@@ -63,6 +77,9 @@ class ViTConfig:
     """Input height and width (one int for square images); set from the data in training."""
     patch_size: int = 4
     """Side of the square patches that become tokens; must divide the image size."""
+    stem: str = "patch"
+    """How images become tokens: "patch" (each patch linearly projected, the plain ViT) or
+    "conv" (3x3 stride-2 convolutions to the same token grid; Xiao et al. 2021)."""
     in_channels: int = 1
     """Image channels (1 grayscale, 3 RGB); set from the data in training."""
     num_classes: int = 10
@@ -115,6 +132,13 @@ class ViTConfig:
     def mlp_dim(self) -> int:
         return int(self.dim * self.mlp_ratio)
 
+    @property
+    def stem_widths(self) -> list[int]:
+        """Output channels of the convolutional stem's 3x3 stride-2 layers: one per halving
+        that a patch takes (ceil(log2 patch_size)), doubling up to dim, at least 8."""
+        n = (self.patch_size - 1).bit_length()
+        return [max(self.dim >> (n - 1 - i), 8) for i in range(n)]
+
     def validate(self) -> None:
         check_field_types(self, "model")
         h, w = self.image_size
@@ -138,6 +162,17 @@ class ViTConfig:
                 f"num_kv_heads {self.num_kv_heads} must be a divisor of num_heads "
                 f"{self.num_heads} (1 = multi-query, {self.num_heads} = multi-head)"
             )
+        _check_choice("model", "stem", self.stem)
+        if self.stem == "conv":
+            # Each 3x3 stride-2 layer (padding 1) maps a side s to ceil(s / 2).
+            halvings = len(self.stem_widths)
+            grid = tuple(-(-side // 2**halvings) for side in (h, w))
+            if self.patch_size < 2 or grid != self.grid_size:
+                raise VitMqaError(
+                    f"stem 'conv' halves the image {halvings} times, which makes a "
+                    f"{grid[0]}x{grid[1]} grid from {h}x{w}, not the {self.grid_size[0]}x"
+                    f"{self.grid_size[1]} of patch_size {self.patch_size}; use a patch_size "
+                    f"of 2 or more whose halvings reach that grid (a power of two always does)")
         if self.pooling not in CHOICES["pooling"]:
             raise VitMqaError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.pos_embed not in CHOICES["pos_embed"]:
@@ -174,7 +209,12 @@ class ViTConfig:
         attn += 4 * hd if self.qk_norm else 0
         mlp = D * self.mlp_dim + self.mlp_dim + self.mlp_dim * D + D
         block = 2 * 2 * D + attn + mlp  # two LayerNorms
-        patch = self.in_channels * self.patch_size**2 * D + D
+        if self.stem == "conv":  # 3x3 convolutions without bias, BatchNorm, a 1x1 to D
+            widths = [self.in_channels, *self.stem_widths]
+            patch = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:]))
+            patch += widths[-1] * D + D
+        else:
+            patch = self.in_channels * self.patch_size**2 * D + D
         pos = (self.num_patches + self.num_prefix_tokens) * D if self.pos_embed == "learned" else 0
         cls_token = D if self.pooling == "cls" else 0
         head = 2 * D + D * self.num_classes + self.num_classes
@@ -256,6 +296,15 @@ class AugmentConfig:
     """Largest share of the image the erased rectangle covers."""
     erase_ratio: float = 3.3
     """The rectangle's aspect ratio is log-uniform in [1/ratio, ratio]."""
+    mixup: float = 0.0
+    """Mixup (Zhang et al. 2018): blend each batch with itself reversed, weight drawn from
+    Beta(mixup, mixup), targets blended alike; 0 = off."""
+    cutmix: float = 0.0
+    """CutMix (Yun et al. 2019): paste a box of the reversed batch into each image, its
+    share of the area from Beta(cutmix, cutmix), targets weighted by area; 0 = off. With
+    mixup also on, each batch takes one of the two at random."""
+    mix_prob: float = 1.0
+    """Share of batches that mixup or CutMix mixes (the rest train on plain targets)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -272,6 +321,11 @@ class AugmentConfig:
             raise VitMqaError(
                 f"need 0 < erase_min_area <= erase_max_area <= 1 and erase_ratio >= 1, got "
                 f"{self.erase_min_area}, {self.erase_max_area}, {self.erase_ratio}")
+        if not (0 <= self.mixup <= 100 and 0 <= self.cutmix <= 100
+                and 0 <= self.mix_prob <= 1):
+            raise VitMqaError(f"need mixup and cutmix in [0, 100] (Beta parameters; 0 = off) "
+                              f"and mix_prob in [0, 1], got {self.mixup}, {self.cutmix}, "
+                              f"{self.mix_prob}")
         if not 0 < self.scale_min <= self.scale_max <= 100:
             raise VitMqaError(
                 f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}"
@@ -284,6 +338,10 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         return self.affine or self.hflip > 0 or self.erase > 0
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
 
 @dataclass
@@ -320,6 +378,14 @@ class TrainConfig:
     """Images per batch in validation and test."""
     max_steps: int = 0
     """Stop after this many optimizer steps in all (0 = no cap)."""
+    time_budget: float = 0.0
+    """Seconds of training to plan for (0 = off; the flag takes 180, 180s, 3m or 1h): the
+    first epoch is timed, and the schedule's length is set so that the cosine ends when
+    the budget does, at most at `epochs`; training stops at the budget in any case. The
+    number of steps then depends on the machine's speed."""
+    select: str = "best"
+    """The weights a run keeps (model.safetensors) and tests: those of the epoch with the
+    "best" validation accuracy, or the "last" epoch's (with ema_decay, the final average)."""
     ema_decay: float = 0.0
     """Exponential moving average of the weights, updated every step (0 = off; 0.998
     averages about the last 500 steps); validation, model selection, the saved weights
@@ -363,6 +429,10 @@ class TrainConfig:
             raise VitMqaError(f"max_steps must be >= 0, got {self.max_steps}")
         if not 0 <= self.ema_decay < 1:
             raise VitMqaError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.time_budget <= 10**7:
+            raise VitMqaError(f"time_budget must be 0 (off) to 10000000 seconds, got "
+                              f"{self.time_budget}")
+        _check_choice("train", "select", self.select)
         if not 0 < self.layer_decay <= 1:
             raise VitMqaError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         _check_choice("train", "init_normalization", self.init_normalization)

@@ -66,6 +66,9 @@ def transfer_weights(model: VisionTransformer, source: VisionTransformer,
         raise VitMqaError(f"{where} takes {src.in_channels}-channel images and this model "
                           f"{dst.in_channels}: the patch embedding cannot be reused (convert "
                           f"the images: `in_channels` {src.in_channels})")
+    if src.stem != dst.stem:
+        raise VitMqaError(f"{where} has a {src.stem} stem and this model a {dst.stem} stem: "
+                          f"the weights cannot be reused (set `stem` {src.stem})")
     state = adapt_state_dict(source.state_dict(), src, dst)
     target = model.state_dict()
     notices = []

@@ -1,7 +1,7 @@
 """Vision Transformer with multi-query / grouped-query attention.
 
-Read top to bottom: config, patch embedding, position embeddings, encoder block,
-the model. As in timm, ``forward_features`` returns normalised tokens,
+Read top to bottom: position embeddings, the two stems (patch embedding, convolutions),
+encoder block, the model. As in timm, ``forward_features`` returns normalised tokens,
 ``forward_head`` pools and classifies, ``get_intermediate_layers`` returns chosen
 blocks' outputs, and ``reset_classifier`` / ``no_weight_decay`` serve fine-tuning;
 ``attention_maps`` computes the per-layer attention probabilities on request.
@@ -73,6 +73,28 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, patches, dim)
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021) in place of the patchify layer.
+
+    3x3 stride-2 convolutions, each with BatchNorm and ReLU, doubling the channels up to
+    ``dim``, then a 1x1 convolution to ``dim``: as many halvings as a patch side takes
+    (28 px, patch 7: 28 -> 14 -> 7 -> 4), so the token grid is the patches' grid, but each
+    token sees an overlapping neighbourhood built up by convolutions.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int], dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([in_channels, *widths], widths):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(widths[-1], dim, kernel_size=1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, dim)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample."""
 
@@ -133,7 +155,8 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         self.preprocess = Preprocess(c.image_size, c.in_channels, (0.5,) * c.in_channels,
                                      (0.5,) * c.in_channels)
         self.classes = [str(i) for i in range(c.num_classes)]
-        self.patch_embed = PatchEmbed(c.in_channels, c.patch_size, c.dim)
+        self.patch_embed = (ConvStem(c.in_channels, c.stem_widths, c.dim) if c.stem == "conv"
+                            else PatchEmbed(c.in_channels, c.patch_size, c.dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pooling == "cls" else None
         num_tokens = c.num_prefix_tokens + c.num_patches
         if c.pos_embed == "learned":
@@ -160,7 +183,12 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         # trunc-normal(0.02). No recorded run compares the two; the recorded ablations are
         # in docs/benchmarks.md, "Ablation: mnist-3min, one change at a time".
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                # The conv stem's layers feed ReLUs (He et al. 2015).
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

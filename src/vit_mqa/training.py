@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import distributed
 from ._version import __version__
-from .augment import augment
+from .augment import augment, mix_batch
 from .checkpoint import (
     CONFIG_NAME,
     LAST_WEIGHTS_NAME,
@@ -117,6 +117,20 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass
+class LRSchedule:
+    """``lr_factor`` as a callable object, so that the scheduler's state_dict saves its
+    fields (LambdaLR keeps a callable object's attributes), and a time budget can set
+    ``total_steps`` after the first epoch."""
+
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.min_ratio)
+
+
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     # Per-epoch streams: an epoch's data order and augmentation depend only on
     # (seed, epoch), so resuming at an epoch boundary replays them exactly.
@@ -145,18 +159,23 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, pre: Preprocess,
-               aug_cfg: AugmentConfig, aug_gen: torch.Generator
+               aug_cfg: AugmentConfig, aug_gen: torch.Generator, num_classes: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images and labels already on the device, batch indices -> augmented, normalised
-    model input and labels. Everything stays on the device: no loader processes, no copies."""
-    x = images[idx].float().div_(255.0)
-    return pre.normalize(augment(x, aug_cfg, aug_gen)), labels[idx]
+    model input and targets: class indices (B,), or with mixup / CutMix soft targets (B,
+    num_classes). Everything stays on the device: no loader processes, no copies."""
+    x = augment(images[idx].float().div_(255.0), aug_cfg, aug_gen)
+    y = labels[idx]
+    if aug_cfg.mixes:
+        x, y = mix_batch(x, y, num_classes, aug_cfg, aug_gen)
+    return pre.normalize(x), y
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                   y: torch.Tensor, cfg: TrainConfig, autocast: torch.autocast
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch: forward, loss, backward, clipping, update.
+    """One optimizer step on a batch: forward, loss, backward, clipping, update. ``y``
+    holds class indices or soft targets (mixup / CutMix); label smoothing applies to both.
     Returns the loss and the logits, both still on the device (no synchronisation)."""
     with autocast:
         logits = model(x)
@@ -215,6 +234,7 @@ class _Run:
     ddp: torch.nn.Module  # the model, wrapped for DistributedDataParallel when distributed
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: LRSchedule  # the scheduler's lr factor; its total_steps ends the run
     ema: AveragedModel | None
     steps_per_epoch: int
     say: Callable[[str], None]
@@ -227,6 +247,16 @@ class _Run:
     def eval_model(self) -> torch.nn.Module:
         """The weights that are validated, saved and tested: the average when there is one."""
         return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def step_limit(self) -> int:
+        """The step at which training ends: the schedule's length, or max_steps if sooner."""
+        total = self.schedule.total_steps
+        return min(total, self.train_cfg.max_steps) if self.train_cfg.max_steps else total
+
+    @property
+    def planned_epochs(self) -> int:
+        return min(self.train_cfg.epochs, -(-self.step_limit // self.steps_per_epoch))
 
     @property
     def local_batch(self) -> int:
@@ -347,8 +377,8 @@ def _setup(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
     warmup = min(int(train_cfg.warmup_epochs * steps_per_epoch), total_steps)
     min_ratio = train_cfg.min_lr / train_cfg.lr
     optimizer = make_optimizer(model, train_cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, min_ratio))
+    schedule = LRSchedule(warmup, total_steps, min_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ddp = (torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
         if ctx.enabled else model)
@@ -360,7 +390,7 @@ def _setup(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str |
         f"{model_cfg.num_patches} patches | device: {device}"
         + (f" x {ctx.world_size} processes" if ctx.enabled else ""))
     return _Run(full_config, run_dir, train_cfg, aug_cfg, data, pre, ctx, device, model, ddp,
-                optimizer, scheduler,
+                optimizer, scheduler, schedule,
                 make_ema(model, train_cfg.ema_decay) if train_cfg.ema_decay else None,
                 steps_per_epoch, say, quiet)
 
@@ -383,6 +413,10 @@ def _restore(run: _Run) -> None:
         run.model.load_state_dict(modules["model"])
         run.optimizer.load_state_dict(modules["optimizer"])
         run.scheduler.load_state_dict(modules["scheduler"])
+        if not run.train_cfg.time_budget:
+            # A plain run's length follows `epochs`, which a resume may change; a budgeted
+            # run keeps the length planned after its first epoch (restored just above).
+            run.schedule.total_steps = run.train_cfg.epochs * run.steps_per_epoch
         if run.ema is not None:
             run.ema.load_state_dict(modules["ema"])
     except (KeyError, RuntimeError, ValueError) as e:
@@ -408,12 +442,15 @@ def _fit(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     labels = run.data.train.labels.to(run.device)
     started = time.perf_counter() - progress.elapsed_s  # times stay cumulative over resumes
     for epoch in range(progress.epoch, cfg.epochs):
-        if cfg.max_steps and progress.step >= cfg.max_steps:
+        if progress.step >= run.step_limit:
             break
         epoch_start = time.perf_counter()
-        totals, step_losses, stopped_early = _train_epoch(run, step_model, images, labels, epoch)
+        totals, step_losses, stopped_early = _train_epoch(run, step_model, images, labels, epoch,
+                                                          started)
         record = _end_epoch(run, epoch, totals, time.perf_counter() - epoch_start, epoch_start,
                             started)
+        if cfg.time_budget and epoch == 0:
+            _plan_for_budget(run, record["elapsed_s"])
         if on_epoch_end is not None:
             hook_start = time.perf_counter()
             record.update(on_epoch_end(dict(record), run.eval_model) or {})
@@ -426,13 +463,27 @@ def _fit(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     return _final_test(run, time.perf_counter() - started)
 
 
+def _plan_for_budget(run: _Run, first_epoch_s: float) -> None:
+    """Set the schedule's length so that training ends with the time budget: as many
+    steps as the first epoch's pace (validation included) fits in, at most `epochs`."""
+    cfg, spe = run.train_cfg, run.steps_per_epoch
+    fitting = int(cfg.time_budget / first_epoch_s * spe)
+    run.schedule.total_steps = max(spe, min(fitting, cfg.epochs * spe))
+    run.say(f"time budget {cfg.time_budget:g} s: the first epoch took {first_epoch_s:.1f} s, "
+            f"so the schedule ends after {run.schedule.total_steps / spe:.2f} epochs "
+            f"({run.schedule.total_steps} steps)")
+
+
 def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
-                 labels: torch.Tensor, epoch: int
+                 labels: torch.Tensor, epoch: int, started: float
                  ) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
     """One pass over the training set: (summed loss, correct, seen over all processes),
-    the per-step losses for TensorBoard, and whether max_steps stopped it early."""
+    the per-step losses for TensorBoard, and whether the step limit or the time budget
+    stopped it early."""
     cfg, ctx, device, progress = run.train_cfg, run.ctx, run.device, run.progress
     run.ddp.train()
+    # A linear probe leaves the conv stem's BatchNorm statistics as they were.
+    run.model.patch_embed.train(not cfg.freeze_backbone)
     # Data order is common to all ranks; augmentation and dropout differ per rank. Per-epoch
     # streams: an epoch depends only on (seed, epoch), so a resume replays it exactly.
     data_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 0))
@@ -446,14 +497,14 @@ def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
     seen, step_losses, stopped_early = 0, [], False
     keep_losses = cfg.tensorboard and ctx.is_main  # per-step losses only for TensorBoard
     epoch_start = time.perf_counter()
-    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{run.planned_epochs}",
                disable=True if run.quiet or not ctx.is_main else None, leave=False,
                file=sys.stderr, dynamic_ncols=True)
     for i in bar:
         # This rank's disjoint slice of the i-th global batch.
         start = i * cfg.batch_size + ctx.rank * run.local_batch
         x, y = make_batch(images, labels, order[start:start + run.local_batch], run.pre,
-                          run.aug_cfg, aug_gen)
+                          run.aug_cfg, aug_gen, len(run.data.classes))
         # DDP averages gradients across ranks: the global-batch gradient.
         loss, logits = training_step(step_model, run.optimizer, x, y, cfg, autocast)
         run.scheduler.step()
@@ -464,7 +515,9 @@ def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
         loss_sum += loss.detach() * y.shape[0]
         if keep_losses:
             step_losses.append(loss.detach())
-        correct += (logits.detach().argmax(dim=1) == y).sum()
+        # Under mixup / CutMix, a prediction is right when it names the larger share.
+        hard = y.argmax(dim=1) if y.ndim == 2 else y
+        correct += (logits.detach().argmax(dim=1) == hard).sum()
         # One process checks as it goes; several check together after the epoch, so that
         # they all stop at the same point.
         if not ctx.enabled and i % 20 == 19 and not bool(torch.isfinite(loss_sum)):
@@ -474,7 +527,15 @@ def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
                             acc=f"{correct.item() / seen:.4f}",
                             img_s=f"{ctx.world_size * seen / elapsed:.0f}", refresh=False)
-        if cfg.max_steps and progress.step >= cfg.max_steps:
+        if progress.step >= run.step_limit:
+            stopped_early = True
+            break
+        # The budget's plan comes from the first epoch's pace; should the machine slow
+        # down, one process stops at the budget itself. (Several would have to agree on
+        # the moment; they keep to the plan.)
+        if (cfg.time_budget and not ctx.enabled and i % 20 == 19
+                and time.perf_counter() - started >= cfg.time_budget):
+            run.say(f"time budget of {cfg.time_budget:g} s reached at step {progress.step}")
             stopped_early = True
             break
     bar.close()
@@ -511,9 +572,11 @@ def _end_epoch(run: _Run, epoch: int, totals: torch.Tensor, train_time: float,
 
 def _save_epoch(run: _Run, epoch: int, record: dict[str, Any],
                 tb: TensorBoardLogger | None, step_losses: list[torch.Tensor]) -> None:
-    """Model selection on validation accuracy, then the epoch's files."""
+    """Model selection (the best validation accuracy, or the last epoch), then the epoch's
+    files."""
     progress = run.progress
-    improved = record["val_accuracy"] > progress.best_val_accuracy  # same on every rank
+    improved = (run.train_cfg.select == "last"
+                or record["val_accuracy"] > progress.best_val_accuracy)  # same on every rank
     if improved:
         progress.best_val_accuracy, progress.best_epoch = record["val_accuracy"], epoch + 1
         run.best_weights = {k: v.detach().clone() for k, v in run.eval_model.state_dict().items()}
@@ -528,18 +591,18 @@ def _save_epoch(run: _Run, epoch: int, record: dict[str, Any],
         # Written last, and alone sufficient to resume: a crash before this line resumes
         # from the previous epoch, whose metrics line is then dropped.
         save_training_state(run.run_dir / STATE_NAME, run.modules(), progress)
-    run.say(f"epoch {epoch + 1:>3}/{run.train_cfg.epochs}  loss {record['train_loss']:.4f}  "
+    run.say(f"epoch {epoch + 1:>3}/{run.planned_epochs}  loss {record['train_loss']:.4f}  "
             f"train acc {record['train_accuracy']:.4f}  val loss {record['val_loss']:.4f}  "
             f"val acc {record['val_accuracy']:.4f}  {record['images_per_s']:.0f} img/s  "
             f"{record['elapsed_s']:.0f}s")
 
 
 def _final_test(run: _Run, train_time: float) -> dict[str, Any]:
-    """The best checkpoint by validation accuracy, scored on the test set."""
+    """The selected checkpoint (best validation accuracy, or last), scored on the test set."""
     progress = run.progress
     if run.best_weights is not None:
         run.eval_model.load_state_dict(run.best_weights)
-    else:  # the best epoch was before a resume
+    else:  # the selected epoch was before a resume
         load_weights(run.eval_model, run.run_dir / WEIGHTS_NAME, run.device)
     test = _sharded_eval(run.eval_model, run.data.test, run.pre, run.train_cfg, run.device,
                          run.ctx, len(run.data.classes))
@@ -557,7 +620,8 @@ def _final_test(run: _Run, train_time: float) -> dict[str, Any]:
     }
     if run.ctx.is_main:
         write_json(run.run_dir / RESULTS_NAME, results)
-    run.say(f"test accuracy {100 * results['test_accuracy']:.2f}% (best epoch "
+    chosen = "best" if run.train_cfg.select == "best" else "last"
+    run.say(f"test accuracy {100 * results['test_accuracy']:.2f}% ({chosen} epoch "
             f"{progress.best_epoch}, val {100 * progress.best_val_accuracy:.2f}%) in "
             f"{train_time:.0f}s -> {run.run_dir}")
     return results
