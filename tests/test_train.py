@@ -237,13 +237,15 @@ def test_time_to_accuracy_presets():
     accurate = build_config("mnist-accurate")
     assert fashion["data"]["dataset"] == "fashion-mnist"
     assert sprint["data"]["dataset"] == accurate["data"]["dataset"] == "mnist"
-    # One model for the three: patch 7, width 96, depth 4, mean pooling.
-    assert sprint["model"] == fashion["model"] == accurate["model"]
+    # One model for the three: patch 7, width 96, depth 4, mean pooling; the 3-minute
+    # recipe puts a convolutional stem in front and plans its schedule for 175 s.
+    assert fashion["model"] == accurate["model"] == {**sprint["model"], "stem": "patch"}
+    assert sprint["model"]["stem"] == "conv" and sprint["train"]["time_budget"] == 175
     assert (sprint["model"]["dim"], sprint["model"]["depth"], sprint["model"]["pooling"]) == (
         96, 4, "mean")
     assert AugmentConfig(**sprint["augment"]).affine
     assert not AugmentConfig(**fashion["augment"]).enabled  # no augmentation on clothing
-    assert (sprint["train"]["epochs"], accurate["train"]["epochs"]) == (6, 30)
+    assert (sprint["train"]["epochs"], accurate["train"]["epochs"]) == (40, 30)
     # The Fashion-MNIST long recipe flips and erases, and never rotates clothing.
     long_fashion = AugmentConfig(**build_config("fmnist-accurate")["augment"])
     assert long_fashion.hflip > 0 and long_fashion.erase > 0 and long_fashion.rotate == 0

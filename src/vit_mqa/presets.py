@@ -14,8 +14,8 @@ from typing import Any
 DEFAULT_PRESET = "mnist-fast"
 
 _SHAPE_TRAIN = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "warmup_epochs": 5.0}
-# The model of mnist-3min, fmnist-fast and mnist-accurate: wider and shallower than
-# mnist-fast, mean pooling.
+# The model of mnist-3min (behind a conv stem), fmnist-fast and mnist-accurate: wider and
+# shallower than mnist-fast, mean pooling.
 _WIDE_SHALLOW = {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
                  "mlp_ratio": 2.0, "pooling": "mean"}
 # No rotation, zoom or shift (Fashion-MNIST's clothes are centred and upright).
@@ -37,14 +37,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"dataset": "mnist"},
         "train": {"epochs": 10, "batch_size": 64, "lr": 2e-3},
     },
-    # The 3-minute recipe: 98.85 +- 0.14 % MNIST test accuracy after 175 +- 8 s of training
-    # on a 2-core CPU (3 seeds; it aimed at 99 % and falls short). Wider and shallower than
-    # mnist-fast (as fast per image, better per epoch), mean pooling, batch 128, 6 epochs
-    # (docs/benchmarks.md, "Time to accuracy").
+    # The 3-minute recipe: the schedule is planned for 175 s of training on the machine at
+    # hand (--time-budget), so it fits 3 minutes on any CPU. A convolutional stem in front
+    # of a wide, shallow ViT (mean pooling, batch 128): 99.25 +- 0.12 % MNIST test accuracy
+    # after 170 +- 5 s on a 2-core AMD EPYC VM with AVX-512 (3 seeds; docs/benchmarks.md,
+    # "Levers for small data"). `--stem patch` gives the plain ViT (99.09 %, seed 0).
     "mnist-3min": {
-        "model": _WIDE_SHALLOW,
+        "model": {**_WIDE_SHALLOW, "stem": "conv"},
         "data": {"dataset": "mnist"},
-        "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
+        "train": {"epochs": 40, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5,
+                  "time_budget": 175.0},
     },
     # Fashion-MNIST, fast: the mnist-3min model without augmentation. Random shifts and
     # flips slowed learning in 3-epoch trials (docs/benchmarks.md, "Recipe search").
