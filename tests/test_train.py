@@ -32,6 +32,13 @@ def _weights(run_dir, name="last.safetensors"):
     return load_file(str(run_dir / name))
 
 
+def _one_epoch_then_resume(overrides, run_dir, data):
+    """Train the first epoch of a run (stopped by max_steps), then resume it to the end."""
+    first = build_config(overrides={**overrides, "max_steps": len(data.train) // 32})
+    train(first, run_dir, data=data, quiet=True)
+    train({"train": {"max_steps": 0}}, run_dir, resume=True, data=data, quiet=True)
+
+
 def test_config_layers_preset_file_and_overrides(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"model": {"depth": 3}, "train": {"lr": 0.01}}))
     config = build_config("mnist-fast", tmp_path / "c.json", {"lr": 0.02, "num_kv_heads": 2})
@@ -88,10 +95,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(small_mnist, tmp_path):
     # Raise the epoch budget to 3 on resume. The schedule was built for 1 epoch; it must be
     # rebuilt for the new total, which matches the uninterrupted run only if epochs matched
     # from the start, so compare against a run stopped at 1 of 3 epochs instead.
-    first = build_config(overrides={**overrides, "max_steps": len(small_mnist.train) // 32})
-    train(first, tmp_path / "first", data=small_mnist, quiet=True)
-    train({"train": {"max_steps": 0}}, tmp_path / "first", resume=True, data=small_mnist,
-          quiet=True)
+    _one_epoch_then_resume(overrides, tmp_path / "first", small_mnist)
     full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "first")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     metrics = (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()
@@ -148,10 +152,7 @@ def test_ema_follows_the_training_weights(small_mnist, tmp_path):
 def test_resume_with_ema_reproduces_an_uninterrupted_run_exactly(small_mnist, tmp_path):
     overrides = {**TINY, "epochs": 2, "ema_decay": 0.99, "dropout": 0.1}
     train(build_config(overrides=overrides), tmp_path / "full", data=small_mnist, quiet=True)
-    first = build_config(overrides={**overrides, "max_steps": len(small_mnist.train) // 32})
-    train(first, tmp_path / "part", data=small_mnist, quiet=True)
-    train({"train": {"max_steps": 0}}, tmp_path / "part", resume=True, data=small_mnist,
-          quiet=True)
+    _one_epoch_then_resume(overrides, tmp_path / "part", small_mnist)
     for name in ("last.safetensors", "model.safetensors"):
         full, resumed = _weights(tmp_path / "full", name), _weights(tmp_path / "part", name)
         assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -403,10 +404,7 @@ def test_conv_stem_with_mixup_and_cutmix_resumes_exactly(small_mnist, tmp_path):
                  "cutmix": 1.0, "mix_prob": 0.8}
     results = train(build_config(overrides=overrides), tmp_path / "full", data=small_mnist,
                     quiet=True)
-    first = build_config(overrides={**overrides, "max_steps": len(small_mnist.train) // 32})
-    train(first, tmp_path / "part", data=small_mnist, quiet=True)
-    train({"train": {"max_steps": 0}}, tmp_path / "part", resume=True, data=small_mnist,
-          quiet=True)
+    _one_epoch_then_resume(overrides, tmp_path / "part", small_mnist)
     full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert full["patch_embed.layers.1.num_batches_tracked"].item() == 2 * 62
