@@ -20,7 +20,13 @@ timeout "${LEVERS_LIMIT:-90}" "$py" "$(dirname "$0")/throughput.py" --device cud
   --impls vit-mqa-mqa --levers --repeats 3 --min-time 0.3 \
   --json-out "$out/levers.json" --markdown-out "$out/levers.md" >/dev/null
 echo "levers: exit $?"
-timeout "${COMPILED_LIMIT:-200}" "$py" "$(dirname "$0")/throughput.py" --device cuda --compile \
+# Which fused formulation to make the default on CUDA (GROUPING_BY_DEVICE in attention.py):
+# SDPA's enable_gqa against the folded query groups, at every shape, training and inference.
+timeout "${GROUPING_LIMIT:-60}" "$py" "$(dirname "$0")/throughput.py" --device cuda \
+  --impls vit-mqa-mqa --levers native-gqa --repeats 3 --min-time 0.3 \
+  --json-out "$out/grouping.json" --markdown-out "$out/grouping.md" >/dev/null
+echo "grouping: exit $?"
+timeout "${COMPILED_LIMIT:-150}" "$py" "$(dirname "$0")/throughput.py" --device cuda --compile \
   --shapes mnist-fast,vit-ti-32 --impls vit-mqa-mqa,hf-vit,vit-pytorch --repeats 3 \
   --min-time 0.3 --json-out "$out/compiled.json" --markdown-out "$out/compiled.md" >/dev/null
 echo "compiled: exit $?"

@@ -40,7 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_mqa.attention import GroupedQueryAttention
+from vit_mqa.attention import (
+    DEFAULT_EXPLICIT_MAX_TOKENS,
+    GROUPING_BY_DEVICE,
+    GroupedQueryAttention,
+)
 from vit_mqa.config import AugmentConfig, TrainConfig
 from vit_mqa.errors import VitMqaError
 from vit_mqa.model import VisionTransformer, ViTConfig, count_parameters
@@ -649,6 +653,7 @@ LEVERS: dict[str, str] = {
     "fused-sdpa": "fused SDPA kernel at every token count",
     "sdpa-math": "SDPA math backend (no fused kernel)",
     "expanded-kv": "K/V copied per query head (repeat_interleave)",
+    "native-gqa": "SDPA's enable_gqa instead of folding query groups (fused path)",
     "separate-qkv": "separate Q, K, V projections",
     "conv-patch": "patch embedding as a strided convolution",
     "adamw-foreach": "AdamW foreach instead of fused",
@@ -664,6 +669,8 @@ def lever_description(name: str, opts: BenchOptions) -> str:
         return "fp32 instead of bf16 autocast"
     if name == "compile" and opts.compile:
         return "eager instead of torch.compile"
+    if name == "native-gqa" and _native_by_default(opts):
+        return "query groups folded instead of SDPA's enable_gqa (fused path)"
     return LEVERS[name]
 
 
@@ -682,6 +689,9 @@ def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: Be
                 continue
             if name in ("one-thread", "fused-sdpa") and opts.device.type == "cuda":
                 continue  # no intra-op threads to set; the fused kernel is always used there
+            if (name == "native-gqa" and opts.device.type != "cuda"
+                    and shape.tokens <= DEFAULT_EXPLICIT_MAX_TOKENS):
+                continue  # few tokens off CUDA take the explicit products, either way
             variant_opts = opts
             if name == "compile":
                 variant_opts = dataclasses.replace(opts, compile=not opts.compile)
@@ -702,6 +712,8 @@ def levers(shape: Shape, modes: list[str], batch_sizes: dict[str, int], opts: Be
                         _swap_attention(model, _SeparateQKV)
                     elif name == "fused-sdpa":
                         _fused_attention_everywhere(model)
+                    elif name == "native-gqa":
+                        _set_grouping(model, "fold" if _native_by_default(opts) else "native")
                     elif name == "conv-patch":
                         model.patch_embed = _ConvPatchEmbed(model.patch_embed.proj)
                     elif name == "adamw-foreach":
@@ -747,6 +759,16 @@ def _wrap_step(runner: Runner, context: Callable[[], contextlib.AbstractContextM
         with context():
             return inner()
     runner.step = step
+
+
+def _native_by_default(opts: BenchOptions) -> bool:
+    return GROUPING_BY_DEVICE.get(opts.device.type, "fold") == "native"
+
+
+def _set_grouping(model: nn.Module, grouping: str) -> None:
+    for module in model.modules():
+        if isinstance(module, GroupedQueryAttention):
+            module.grouping = grouping
 
 
 def _fused_attention_everywhere(model: nn.Module) -> None:

@@ -114,3 +114,37 @@ def test_qk_norm_normalises_queries_and_keys():
 def test_bad_kv_head_count_is_a_clear_error(kv):
     with pytest.raises(ValueError, match="num_kv_heads"):
         GroupedQueryAttention(64, 4, kv)
+
+
+@pytest.mark.parametrize("kv", [1, 2, 3])
+def test_native_grouping_agrees_with_the_fold_in_value_and_gradient(kv):
+    """SDPA's enable_gqa and the folded query groups compute the same attention."""
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(48, 6, kv, explicit_max_tokens=0, grouping="fold")
+    x = torch.randn(3, 40, 48, requires_grad=True)
+    assert not attn.native_grouping(x)
+    folded = attn(x)
+    grads_fold = torch.autograd.grad(folded.square().sum(), [x, *attn.parameters()])
+    attn.grouping = "native"
+    assert attn.native_grouping(x)
+    native = attn(x)
+    grads_native = torch.autograd.grad(native.square().sum(), [x, *attn.parameters()])
+    torch.testing.assert_close(native, folded, atol=1e-5, rtol=1e-5)
+    for g_native, g_fold in zip(grads_native, grads_fold):
+        torch.testing.assert_close(g_native, g_fold, atol=1e-4, rtol=1e-4)
+
+
+def test_grouping_auto_follows_the_device_table(monkeypatch):
+    from vit_mqa import attention
+
+    attn = GroupedQueryAttention(48, 6, 1, explicit_max_tokens=0)
+    x = torch.randn(2, 8, 48)
+    assert attn.grouping == "auto" and not attn.native_grouping(x)  # the CPU folds
+    monkeypatch.setitem(attention.GROUPING_BY_DEVICE, "cpu", "native")
+    assert attn.native_grouping(x)
+    attn.explicit_max_tokens = 8  # few tokens off CUDA: the explicit products, either way
+    assert not attn.native_grouping(x)
+    mha = GroupedQueryAttention(48, 6, 6, explicit_max_tokens=0, grouping="native")
+    assert not mha.native_grouping(x)  # nothing to group: plain multi-head SDPA
+    with pytest.raises(ValueError, match="grouping"):
+        GroupedQueryAttention(48, 6, 1, grouping="expand")

@@ -223,6 +223,25 @@ def test_levers_table_compares_against_the_default_path():
         assert r["default_images_per_s"] > 0 and r["changed_images_per_s"] > 0
 
 
+def test_native_gqa_lever_runs_where_the_fused_kernel_does(monkeypatch):
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    long = dataclasses.replace(TINY, image_size=32)  # 65 tokens: past the explicit products
+    rows = bench.levers(long, ["infer"], {"infer": 2}, CPU, lambda m: None,
+                        names=["native-gqa"])
+    assert [(r["lever"], r["mode"]) for r in rows] == [("native-gqa", "infer")]
+    assert rows[0]["description"].startswith("SDPA's enable_gqa")
+    assert True in calls and False in calls  # the lever's runner and the default one
+    # At 17 tokens a CPU never reaches the fused kernel: nothing to compare.
+    assert bench.levers(TINY, ["infer"], {"infer": 2}, CPU, lambda m: None,
+                        names=["native-gqa"]) == []
+
 
 def test_kv_scaling_compares_mqa_gqa_and_mha_at_each_point():
     rows = bench.kv_scaling(TINY, [16, 32], [2], ["infer"], CPU, lambda m: None)

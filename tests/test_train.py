@@ -429,16 +429,44 @@ def test_time_budget_stops_at_the_budget_and_caps_at_epochs(small_mnist, tmp_pat
     short = build_config(overrides={**TINY, "epochs": 5, "time_budget": 1e-3})
     results = train(short, tmp_path / "short", data=small_mnist, quiet=True)
     assert results["steps"] == 20 and results["best_epoch"] == 1
-    # A budget far above the run: the plan is capped at `epochs`, and a resume keeps the
-    # plan (a plain run's length would follow the new `epochs`).
+    # A budget far above the run: the plan is capped at `epochs`; a resume keeps the plan
+    # it saved, then plans again after its first epoch, capped at the `epochs` it was given.
     spe = len(small_mnist.train) // 32
     long = build_config(overrides={**TINY, "epochs": 3, "time_budget": 1e6, "max_steps": spe})
     train(long, tmp_path / "long", data=small_mnist, quiet=True)
+    state = torch.load(tmp_path / "long" / "training_state.pt", weights_only=True)
+    assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 3 * spe
     train({"train": {"max_steps": 0, "epochs": 4}}, tmp_path / "long", resume=True,
           data=small_mnist, quiet=True)
     state = torch.load(tmp_path / "long" / "training_state.pt", weights_only=True)
-    assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 3 * spe
-    assert state["step"] == 3 * spe
+    assert state["scheduler"]["lr_lambdas"][0]["total_steps"] == 4 * spe
+    assert state["step"] == 4 * spe
     lines = [json.loads(x) for x in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
     assert lines[-1]["lr"] == pytest.approx(1e-5)  # the cosine ended with the plan
+
+
+def test_time_budget_is_planned_again_from_the_pace_so_far():
+    """A slow first epoch (start-up costs) must not shorten the whole run."""
+    from types import SimpleNamespace
+
+    from vit_mqa.config import TrainConfig
+    from vit_mqa.distributed import DistContext
+    from vit_mqa.training import LRSchedule, _plan_for_budget
+
+    said = []
+    run = SimpleNamespace(train_cfg=TrainConfig(epochs=10, time_budget=100.0),
+                          steps_per_epoch=10, progress=SimpleNamespace(step=10),
+                          device=torch.device("cpu"), ctx=DistContext(),
+                          schedule=LRSchedule(0, 100, 0.01), say=said.append)
+    _plan_for_budget(run, 20.0, announce=True)  # first epoch: 20 s for 10 steps
+    assert run.schedule.total_steps == 50 and "5.00 epochs" in said[0]
+    run.progress.step = 20
+    _plan_for_budget(run, 30.0, announce=False)  # the second took 10 s: 1.5 s a step so far
+    assert run.schedule.total_steps == 66 and len(said) == 1
+    run.progress.step = 30
+    _plan_for_budget(run, 25.0, announce=False)  # 120 steps would fit: capped at `epochs`
+    assert run.schedule.total_steps == 100
+    run.progress.step, run.train_cfg.time_budget = 40, 10.0
+    _plan_for_budget(run, 40.0, announce=False)  # over budget: never before the current step
+    assert run.schedule.total_steps == 40

@@ -14,6 +14,12 @@ matrix product one large GEMM per K/V head instead of ``G`` small ones.
 Off CUDA, sequences of at most ``explicit_max_tokens`` keys (an attribute of each
 layer, 32 by default) take three plain products instead of the fused kernel (faster
 there; measured by ``python benchmarks/throughput.py --levers``); both paths are tested to agree.
+The fused path has a second formulation, SDPA's own grouped-query support
+(``enable_gqa=True``, torch >= 2.5), which keeps the query heads apart and lets the kernel
+map each one to its K/V head. ``grouping`` (an attribute of each layer) picks "fold",
+"native", or "auto": the entry of ``GROUPING_BY_DEVICE`` for the device at hand. Both
+formulations are tested to agree in values and gradients; ``python
+benchmarks/throughput.py --levers native-gqa`` times one against the other on a device.
 ``attention_weights(x)`` computes a layer's probabilities on their own, for
 explanations; the ordinary forward returns only the output.
 """
@@ -26,6 +32,14 @@ from torch import nn
 
 # Default token count up to which attention off CUDA runs as explicit matmul-softmax-matmul.
 DEFAULT_EXPLICIT_MAX_TOKENS = 32
+# The fused formulation that grouping="auto" takes per device type. On the CPU the
+# attention core alone took the same time both ways within 10 % at 65-1,025 tokens (the
+# fold 12 % slower only at 1,025 tokens x batch 8, about 3 % of that step). CUDA keeps
+# the fold until the native kernel is measured faster there (benchmarks/gpu.sh).
+GROUPING_BY_DEVICE: dict[str, str] = {"cpu": "fold", "cuda": "fold"}
+GROUPINGS = ("auto", "fold", "native")
+# SDPA's enable_gqa argument arrived in torch 2.5; older versions always fold.
+_HAS_NATIVE_GQA = torch.__version__ >= (2, 5)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -39,6 +53,7 @@ class GroupedQueryAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         explicit_max_tokens: int = DEFAULT_EXPLICIT_MAX_TOKENS,
+        grouping: str = "auto",
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -50,6 +65,11 @@ class GroupedQueryAttention(nn.Module):
         self.num_heads = num_heads
         # Off CUDA, up to this many keys take the explicit products; 0 = always fused SDPA.
         self.explicit_max_tokens = explicit_max_tokens
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        # How the fused kernel shares K/V heads: fold query groups into the sequence, or
+        # SDPA's enable_gqa; "auto" looks the device up in GROUPING_BY_DEVICE.
+        self.grouping = grouping
         self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -61,27 +81,43 @@ class GroupedQueryAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _grouped_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return q as (B, KV, G*N, hd) and k, v as (B, KV, N, hd)."""
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return q as (B, H, N, hd) and k, v as (B, KV, N, hd)."""
         B, N, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = self.q_norm(q.view(B, N, H, hd)).transpose(1, 2)  # (B, H, N, hd)
-        k = self.k_norm(k.view(B, N, KV, hd)).transpose(1, 2)  # (B, KV, N, hd)
+        q = self.q_norm(q.view(B, N, H, hd)).transpose(1, 2)
+        k = self.k_norm(k.view(B, N, KV, hd)).transpose(1, 2)
         v = v.view(B, N, KV, hd).transpose(1, 2)
-        # Heads h = g*G .. g*G+G-1 belong to group g: fold them into the sequence.
-        q = q.reshape(B, KV, (H // KV) * N, hd)
         return q, k, v
 
-    def _merge_heads(self, out: torch.Tensor, B: int, N: int) -> torch.Tensor:
-        # (B, KV, G*N, hd) -> (B, H, N, hd) -> (B, N, H*hd)
-        return out.reshape(B, self.num_heads, N, self.head_dim).transpose(1, 2).reshape(B, N, -1)
+    def _grouped_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return q as (B, KV, G*N, hd) and k, v as (B, KV, N, hd)."""
+        q, k, v = self._heads(x)
+        B, H, N, hd = q.shape
+        # Heads h = g*G .. g*G+G-1 belong to group g: fold them into the sequence.
+        return q.reshape(B, self.num_kv_heads, (H // self.num_kv_heads) * N, hd), k, v
+
+    def native_grouping(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` calls SDPA with ``enable_gqa`` instead of folding."""
+        grouping = self.grouping
+        if grouping == "auto":
+            grouping = GROUPING_BY_DEVICE.get(x.device.type, "fold")
+        return (grouping == "native" and _HAS_NATIVE_GQA and self.num_kv_heads < self.num_heads
+                and (x.device.type == "cuda" or x.shape[1] > self.explicit_max_tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over ``x`` (B, N, dim); returns (B, N, dim)."""
         B, N, _ = x.shape
-        q, k, v = self._grouped_qkv(x)
-        return self.proj_drop(self.proj(self._merge_heads(self.attend(q, k, v), B, N)))
+        if self.native_grouping(x):
+            q, k, v = self._heads(x)
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop if self.training else 0.0, enable_gqa=True)
+        else:
+            q, k, v = self._grouped_qkv(x)
+            # (B, KV, G*N, hd) -> (B, H, N, hd)
+            out = self.attend(q, k, v).reshape(B, self.num_heads, N, self.head_dim)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The attention probabilities (B, num_heads, N, N) that ``forward(x)`` applies

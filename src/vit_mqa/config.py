@@ -379,10 +379,10 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps in all (0 = no cap)."""
     time_budget: float = 0.0
-    """Seconds of training to plan for (0 = off; the flag takes 180, 180s, 3m or 1h): the
-    first epoch is timed, and the schedule's length is set so that the cosine ends when
-    the budget does, at most at `epochs`; training stops at the budget in any case. The
-    number of steps then depends on the machine's speed."""
+    """Seconds of training to plan for (0 = off; the flag takes 180, 180s, 3m or 1h): after
+    every epoch the schedule's length is set from the pace so far, so that the cosine ends
+    when the budget does, at most at `epochs`; training stops at the budget in any case.
+    The number of steps then depends on the machine's speed."""
     select: str = "best"
     """The weights a run keeps (model.safetensors) and tests: those of the epoch with the
     "best" validation accuracy, or the "last" epoch's (with ema_decay, the final average)."""

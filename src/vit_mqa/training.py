@@ -121,7 +121,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 class LRSchedule:
     """``lr_factor`` as a callable object, so that the scheduler's state_dict saves its
     fields (LambdaLR keeps a callable object's attributes), and a time budget can set
-    ``total_steps`` after the first epoch."""
+    ``total_steps`` after each epoch."""
 
     warmup_steps: int
     total_steps: int
@@ -415,7 +415,7 @@ def _restore(run: _Run) -> None:
         run.scheduler.load_state_dict(modules["scheduler"])
         if not run.train_cfg.time_budget:
             # A plain run's length follows `epochs`, which a resume may change; a budgeted
-            # run keeps the length planned after its first epoch (restored just above).
+            # run keeps its last plan (restored just above) until its next epoch ends.
             run.schedule.total_steps = run.train_cfg.epochs * run.steps_per_epoch
         if run.ema is not None:
             run.ema.load_state_dict(modules["ema"])
@@ -441,6 +441,7 @@ def _fit(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     images = run.data.train.images.to(run.device)
     labels = run.data.train.labels.to(run.device)
     started = time.perf_counter() - progress.elapsed_s  # times stay cumulative over resumes
+    progress_start = progress.epoch
     for epoch in range(progress.epoch, cfg.epochs):
         if progress.step >= run.step_limit:
             break
@@ -449,8 +450,8 @@ def _fit(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
                                                           started)
         record = _end_epoch(run, epoch, totals, time.perf_counter() - epoch_start, epoch_start,
                             started)
-        if cfg.time_budget and epoch == 0:
-            _plan_for_budget(run, record["elapsed_s"])
+        if cfg.time_budget:
+            _plan_for_budget(run, record["elapsed_s"], announce=epoch == progress_start)
         if on_epoch_end is not None:
             hook_start = time.perf_counter()
             record.update(on_epoch_end(dict(record), run.eval_model) or {})
@@ -463,15 +464,21 @@ def _fit(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     return _final_test(run, time.perf_counter() - started)
 
 
-def _plan_for_budget(run: _Run, first_epoch_s: float) -> None:
+def _plan_for_budget(run: _Run, elapsed_s: float, announce: bool) -> None:
     """Set the schedule's length so that training ends with the time budget: as many
-    steps as the first epoch's pace (validation included) fits in, at most `epochs`."""
-    cfg, spe = run.train_cfg, run.steps_per_epoch
-    fitting = int(cfg.time_budget / first_epoch_s * spe)
-    run.schedule.total_steps = max(spe, min(fitting, cfg.epochs * spe))
-    run.say(f"time budget {cfg.time_budget:g} s: the first epoch took {first_epoch_s:.1f} s, "
-            f"so the schedule ends after {run.schedule.total_steps / spe:.2f} epochs "
-            f"({run.schedule.total_steps} steps)")
+    steps as the pace so far (validation included) fits in, at most `epochs`. Planned
+    again after every epoch, so that a slow first epoch (start-up costs, a busy machine)
+    does not leave the end of the budget unused; every process plans from the mean of
+    their clocks, so that all keep the same learning rate."""
+    cfg, spe, step = run.train_cfg, run.steps_per_epoch, run.progress.step
+    clock = torch.tensor([elapsed_s], dtype=torch.float64, device=run.device)
+    elapsed_s = all_reduce_sum(clock, run.ctx).item() / run.ctx.world_size
+    fitting = int(cfg.time_budget * step / elapsed_s)
+    run.schedule.total_steps = max(spe, step, min(fitting, cfg.epochs * spe))
+    if announce:
+        run.say(f"time budget {cfg.time_budget:g} s: {elapsed_s:.1f} s for {step} steps, so "
+                f"the schedule ends after {run.schedule.total_steps / spe:.2f} epochs "
+                f"({run.schedule.total_steps} steps; planned again after every epoch)")
 
 
 def _train_epoch(run: _Run, step_model: torch.nn.Module, images: torch.Tensor,
