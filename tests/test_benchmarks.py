@@ -73,3 +73,32 @@ def test_time_to_accuracy_bad_setting_is_a_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip() == "time_to_accuracy: error: unknown setting 'depht'"
     assert not (tmp_path / "x").exists()
+
+
+def test_fit_and_tta_scores_every_split_of_a_run(data_root, tmp_path):
+    tiny = ["--preset", "mnist-fast", "--data-dir", str(data_root), "--set", "epochs=1",
+            "--set", "dim=32", "--set", "depth=1", "--set", "val_size=500", "--quiet",
+            "--seeds", "0", "--out", str(tmp_path / "t")]
+    assert run_tta(*tiny).returncode == 0
+    run = tmp_path / "t" / "seed0"
+    script = str(REPO / "benchmarks" / "fit_and_tta.py")
+    out = tmp_path / "fit.json"
+    result = subprocess.run([sys.executable, script, str(run), "--tta", "shift",
+                             "--json-out", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(result.stdout)
+    results = json.loads((run / "results.json").read_text())
+    # The same weights and data as the run's own final test: the same accuracy.
+    assert abs(report["test"] - results["test_accuracy"]) < 1e-6
+    for key in ("train", "val", "test", "val_tta_shift", "test_tta_shift"):
+        assert 0.5 < report[key] <= 1.0
+    bad = subprocess.run([sys.executable, script, str(run), "--tta", "rotate"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown test-time augmentation 'rotate'" in bad.stderr
+    missing = subprocess.run([sys.executable, script, str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0
+    assert missing.stderr.startswith("fit_and_tta: error:")
+    assert len(missing.stderr.strip().splitlines()) == 1
