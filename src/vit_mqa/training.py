@@ -145,17 +145,37 @@ def _log(message: str) -> None:
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile, or the model itself where compiling is not supported.
 
-    Dynamo's ``suppress_errors`` makes a graph that fails to compile (no C++ compiler, an
-    unsupported platform) run eagerly instead of failing the run.
+    Dynamo's ``suppress_errors`` makes a graph that fails to compile (an unsupported
+    platform) run eagerly instead of failing the run. It does not cover a backward graph,
+    which is compiled lazily during the first backward pass: on a CPU without a C++
+    compiler the model therefore runs eagerly from the start.
     """
     try:
         import torch._dynamo
 
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        missing = _missing_cpp_compiler() if on_cpu else None
+        if missing:
+            _log(f"torch.compile needs a C++ compiler on the CPU ({missing}); training eagerly")
+            return model
         torch._dynamo.config.suppress_errors = True
         return torch.compile(model)
     except (RuntimeError, ImportError) as e:  # e.g. a Python that this torch cannot compile on
         _log(f"torch.compile unavailable ({str(e).splitlines()[0]}); training eagerly")
         return model
+
+
+def _missing_cpp_compiler() -> str | None:
+    """Why inductor cannot build CPU kernels here, or None when it can (or cannot tell)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler, or the compiler search failing otherwise
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
 
 
 def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, pre: Preprocess,
