@@ -32,10 +32,10 @@ from torch import nn
 
 # Default token count up to which attention off CUDA runs as explicit matmul-softmax-matmul.
 DEFAULT_EXPLICIT_MAX_TOKENS = 32
-# The fused formulation that grouping="auto" takes per device type. On the CPU the
-# attention core alone took the same time both ways within 10 % at 65-1,025 tokens (the
-# fold 12 % slower only at 1,025 tokens x batch 8, about 3 % of that step). CUDA keeps
-# the fold until the native kernel is measured faster there (benchmarks/gpu.sh).
+# The fused formulation that grouping="auto" takes per device type. On the CPU the whole
+# step measured equal both ways (1.00-1.01x at ViT-Ti and ViT-S; docs/benchmarks.md,
+# "Levers"). CUDA keeps the fold until the native kernel is measured faster there
+# (benchmarks/gpu.sh).
 GROUPING_BY_DEVICE: dict[str, str] = {"cpu": "fold", "cuda": "fold"}
 GROUPINGS = ("auto", "fold", "native")
 # SDPA's enable_gqa argument arrived in torch 2.5; older versions always fold.
