@@ -90,9 +90,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Fashion-MNIST in 30 minutes (planned for 1,780 s): the mnist-20min model with the two
     # levers that paid on clothing at 4 minutes, horizontal flips and mixup/CutMix, and
-    # no geometric augmentation. 93.16 % test after 1,769 s on a 2-core AMD EPYC VM with
-    # AVX-512 (seed 0; 93.37 % with `vit-mqa eval --tta flip`); docs/benchmarks.md,
-    # "Targets".
+    # no geometric augmentation. 93.10 +- 0.06 % test after 1,778 +- 8 s on a 2-core AMD
+    # EPYC VM with AVX-512 (3 seeds; 93.28 % with `vit-mqa eval --tta flip`);
+    # docs/benchmarks.md, "Targets".
     "fmnist-30min": {
         "model": _BUDGET_MODEL,
         "data": {"dataset": "fashion-mnist"},
