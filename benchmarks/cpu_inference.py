@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_flags, cpu_name
 from PIL import Image
 
 from vit_mqa.config import data_config_from_dict
@@ -38,27 +39,6 @@ from vit_mqa.demo import DemoModel
 from vit_mqa.interop import export_onnx
 from vit_mqa.model import load_model_dir
 from vit_mqa.predict import Predictor
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni",
-                                             "avx512_bf16", "amx_int8"))
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import machine
+
 from vit_mqa.checkpoint import write_json
 from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, load_data
@@ -74,7 +76,7 @@ def run_seed(preset: str, seed: int, overrides: dict[str, Any], data_dir: str | 
     return {"seed": seed, "final_test_accuracy": results["test_accuracy"],
             "best_epoch": results["best_epoch"], "train_time_s": results["train_time_s"],
             "parameters": results["parameters"], "reached": reached, "epochs": epochs,
-            "config": config}
+            "config": config, "machine": machine.describe()}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from tests.conftest import REPO
+from vit_mqa.config import ViTConfig, build_config
 
 
 def run_tta(*args: str) -> subprocess.CompletedProcess:
@@ -37,6 +42,9 @@ def test_time_to_accuracy_records_every_epoch_and_summarizes_seeds(data_root, tm
             assert 0.0 <= e["test_accuracy"] <= 1.0 and e["elapsed_s"] > 0
             assert e["images_per_s"] > 0
         assert run["config"]["train"]["seed"] == run["seed"]
+        # The record names the machine its times come from.
+        assert run["machine"]["cpu"] and run["machine"]["threads"] >= 1
+        assert run["machine"]["torch"] == torch.__version__
         # Two epochs of a 1-block model do not reach 99 %: reported as not reached.
         assert run["reached"]["99"] is None
     # Different seeds train differently; the summary holds their mean and spread.
@@ -102,3 +110,33 @@ def test_fit_and_tta_scores_every_split_of_a_run(data_root, tmp_path):
     assert missing.returncode != 0
     assert missing.stderr.startswith("fit_and_tta: error:")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_step_speed_times_each_mode_of_a_preset_model(tmp_path):
+    script = str(REPO / "benchmarks" / "step_speed.py")
+    out = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, script, "--preset", "mnist-3min", "--set", "dim=32", "--set",
+         "depth=1", "--set", "batch_size=8", "--modes", "eager,bf16", "--warmup-steps", "1",
+         "--steps", "2", "--rounds", "2", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert list(report["modes"]) == ["eager", "bf16"] and report["batch_size"] == 8
+    # The preset's own model (CCT's tokenizer), with the overrides applied.
+    assert report["parameters"] == ViTConfig.from_dict(
+        {**build_config("mnist-3min", overrides={"dim": 32, "depth": 1})["model"],
+         "image_size": 28, "in_channels": 1}).num_parameters()
+    for mode in report["modes"].values():
+        assert len(mode["rounds_s"]) == 2 and all(t > 0 for t in mode["rounds_s"])
+        assert mode["images_per_s"] == pytest.approx(8 * 2 / statistics.median(mode["rounds_s"]))
+    assert report["modes"]["eager"]["vs_eager"] == 1.0
+    assert report["machine"]["torch"] == torch.__version__
+    assert "| bf16 |" in result.stdout
+    for args, message in ((["--modes", "eager,fp8"], "unknown mode 'fp8'"),
+                          (["--set", "depht=2"], "unknown setting 'depht'"),
+                          (["--rounds", "0"], "--rounds must be >= 1")):
+        result = subprocess.run([sys.executable, script, *args], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.startswith("step_speed: error: ")
+        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr

@@ -23,9 +23,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from vit_mqa.demo import BLANK_MESSAGE, attention_layout, layout_markdown
+from vit_mqa.demo import BLANK_MESSAGE, DemoModel, attention_layout, layout_markdown
 from vit_mqa.model import VisionTransformer, ViTConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,6 +65,22 @@ def test_layout_describes_each_kind_of_attention():
                                         num_heads=4, num_kv_heads=1))
     table = layout_markdown(model)
     assert "| 1–3 | 4 | 1 | 4 query heads share 1 K/V head (multi-query) |" in table
+
+
+def test_analysis_of_a_cct_model_with_sequence_pooling(tmp_path):
+    # The page's rollout reads the tokens as the model pools them (the learned weights of
+    # this image's tokens; checked against a hand computation in test_explain.py).
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2,
+                                        stem="cct", pooling="seq"))
+    with torch.no_grad():
+        model.pool_score.weight.mul_(20.0)  # far from uniform weights
+    model.save_pretrained(tmp_path / "m")
+    digit = np.zeros((28, 28), np.uint8)
+    digit[5:23, 12:16] = 255  # a "1"
+    analysis = DemoModel(tmp_path / "m").analyse(Image.fromarray(digit))
+    assert len(analysis.top) == 5 and analysis.model_input.shape == (28, 28)
+    assert analysis.overlay.shape == (224, 224, 3) and analysis.overlay.std() > 5
 
 
 def test_missing_gradio_is_one_line_and_help_does_not_import_it():

@@ -14,6 +14,7 @@ from vit_mqa.explain import (
     layer_attention,
     model_relevance,
     overlay,
+    readout,
 )
 from vit_mqa.model import VisionTransformer, ViTConfig
 
@@ -32,8 +33,9 @@ def tiny_model(pooling: str, seed: int = 0, **kw) -> VisionTransformer:
     return model
 
 
-def rollout_by_hand(maps: list[torch.Tensor], prefix: int, pooling: str) -> list[list[float]]:
-    """The rollout with plain Python loops: one image at a time, matrices as lists."""
+def rollout_by_hand(maps: list[torch.Tensor], prefix: int, pooling) -> list[list[float]]:
+    """The rollout with plain Python loops: one image at a time, matrices as lists;
+    ``pooling`` "cls", "mean" or the tokens' pooling weights (B, N)."""
     out = []
     batch, heads, n, _ = maps[0].shape
     for b in range(batch):
@@ -49,7 +51,10 @@ def rollout_by_hand(maps: list[torch.Tensor], prefix: int, pooling: str) -> list
             # rollout <- layer @ rollout
             rollout = [[sum(layer[i][k] * rollout[k][j] for k in range(n)) for j in range(n)]
                        for i in range(n)]
-        if pooling == "cls":
+        if isinstance(pooling, torch.Tensor):
+            w = pooling[b].tolist()
+            pooled = [sum(w[i] * rollout[i][j] for i in range(n)) for j in range(n)]
+        elif pooling == "cls":
             pooled = rollout[0]
         else:
             pooled = [sum(rollout[i][j] for i in range(n)) / n for j in range(n)]
@@ -57,20 +62,26 @@ def rollout_by_hand(maps: list[torch.Tensor], prefix: int, pooling: str) -> list
     return out
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "seq"])
 def test_rollout_matches_hand_computation(pooling):
     model = tiny_model(pooling)
     x = torch.randn(3, 1, 12, 12, generator=torch.Generator().manual_seed(1))
     maps = model.attention_maps(x)
     prefix = model.config.num_prefix_tokens
     assert len(maps) == 3 and maps[0].shape == (3, 4, 9 + prefix, 9 + prefix)
-    got = attention_rollout(maps, prefix, pooling)
-    expected = torch.tensor(rollout_by_hand(maps, prefix, pooling))
+    read = readout(model, x)
+    if pooling == "seq":  # the weights the model pools this image's tokens with
+        with torch.no_grad():
+            torch.testing.assert_close(read, model.pooling_weights(model.forward_features(x)))
+    else:
+        assert read == pooling
+    got = attention_rollout(maps, prefix, read)
+    expected = torch.tensor(rollout_by_hand(maps, prefix, read))
     assert got.shape == (3, 9)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # Not trivially uniform: the test would not notice a wrong order otherwise.
     assert (got.max(dim=1).values - got.min(dim=1).values).min() > 1e-3
-    if pooling == "mean":  # every token's flow ends on patches: rows of a stochastic matrix
+    if pooling != "cls":  # every token's flow ends on patches: rows of a stochastic matrix
         torch.testing.assert_close(got.sum(dim=1), torch.ones(3))
     else:  # part of the CLS row stays on the CLS token itself
         assert (got.sum(dim=1) < 1).all()
@@ -103,15 +114,20 @@ def test_rollout_of_known_attention():
     torch.testing.assert_close(r, r[:, :1].expand_as(r))
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "seq"])
 def test_layer_attention_reads_the_pooled_row(pooling):
     model = tiny_model(pooling)
-    maps = model.attention_maps(torch.randn(2, 1, 12, 12))
-    layers = layer_attention(maps, model.config.num_prefix_tokens, pooling)
+    x = torch.randn(2, 1, 12, 12)
+    maps = model.attention_maps(x)
+    read = readout(model, x)
+    layers = layer_attention(maps, model.config.num_prefix_tokens, read)
     assert layers.shape == (3, 2, 9)
     for layer, attn in zip(layers, maps):
         avg = attn.mean(dim=1)
-        row = avg[:, 0, 1:] if pooling == "cls" else avg.mean(dim=1)
+        if pooling == "seq":
+            row = torch.einsum("bn,bnm->bm", read, avg)
+        else:
+            row = avg[:, 0, 1:] if pooling == "cls" else avg.mean(dim=1)
         torch.testing.assert_close(layer, row)
 
 
@@ -125,6 +141,10 @@ def test_bad_rollout_input():
         attention_rollout(maps, 0, "cls")
     with pytest.raises(VitMqaError, match="B, heads, N, N"):
         attention_rollout([torch.rand(2, 5, 5)], 1, "cls")
+    with pytest.raises(VitMqaError, match="sequence pooling"):
+        attention_rollout(maps, 0, "seq")  # needs the weights, not the name
+    with pytest.raises(VitMqaError, match=r"pooling weights must be \(B, N\) = \(1, 5\)"):
+        attention_rollout(maps, 0, torch.full((1, 4), 0.25))
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

@@ -15,6 +15,9 @@ CONFIGS = [
          num_heads=6, num_kv_heads=3, mlp_ratio=2.5),
     dict(stem="conv", patch_size=7, pooling="mean"),
     dict(stem="conv", image_size=(32, 48), patch_size=8, in_channels=3, dim=48, num_heads=6),
+    dict(stem="cct", patch_size=7, pooling="seq"),
+    dict(stem="cct", image_size=(32, 48), patch_size=8, in_channels=3, dim=48, num_heads=6),
+    dict(pooling="seq", pos_embed="sincos2d"),
 ]
 
 
@@ -63,10 +66,13 @@ def test_unknown_config_key_is_an_error():
     (dict(dim=30, num_heads=4), "dim 30 is not divisible by num_heads 4"),
     (dict(pooling="max"), "pooling must be"),
     (dict(pos_embed="rope"), "pos_embed must be"),
-    (dict(stem="resnet"), "model.stem must be one of patch, conv"),
+    (dict(stem="resnet"), "model.stem must be one of patch, conv, cct"),
+    (dict(pooling="attention"), "model.pooling must be one of cls, mean, seq"),
     (dict(stem="conv", image_size=224, patch_size=14),
      "halves the image 4 times, which makes a 14x14 grid from 224x224, not the 16x16"),
     (dict(stem="conv", patch_size=1), "halves the image 0 times"),
+    (dict(stem="cct", image_size=224, patch_size=14),
+     "stem 'cct' halves the image 4 times, which makes a 14x14 grid from 224x224, not the 16x16"),
 ])
 def test_bad_configs_are_clear_errors(kw, message):
     with pytest.raises(VitMqaError, match=message):
@@ -328,3 +334,43 @@ def test_conv_stem_round_trips_with_its_batchnorm_statistics(tmp_path):
     assert loaded.config.stem == "conv"
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("image_size, patch_size, grid", [
+    (28, 7, (4, 4)), (28, 4, (7, 7)), ((32, 48), 8, (4, 6)), (28, 2, (14, 14)),
+])
+def test_cct_tokenizer_is_convolutions_and_max_pooling_to_the_patch_grid(image_size, patch_size,
+                                                                        grid):
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image_size, patch_size=patch_size, stem="cct", dim=64)
+    model = VisionTransformer(config).eval()
+    assert config.grid_size == grid
+    x = torch.randn(2, 1, *config.image_size)
+    # The same computation written out: 3x3 stride-1 convolution, ReLU, 3x3 stride-2
+    # max-pooling, once per halving, the last convolution to dim.
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [*config.stem_widths[:-1], 64]
+    y = x
+    for conv in convs:
+        y = torch.nn.functional.conv2d(y, conv.weight, padding=1).relu()
+        y = torch.nn.functional.max_pool2d(y, 3, stride=2, padding=1)
+    expected = y.flatten(2).transpose(1, 2)
+    assert expected.shape == (2, grid[0] * grid[1], 64)
+    torch.testing.assert_close(model.patch_embed(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "seq"])
+def test_pooled_output_is_the_tokens_weighted_by_the_pooling_weights(pooling):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(pooling=pooling, dim=32, depth=2)).eval()
+    tokens = model.forward_features(torch.randn(3, 1, 28, 28))
+    weights = model.pooling_weights(tokens)
+    assert weights.shape == tokens.shape[:2]
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(3))
+    by_hand = (weights[:, :, None] * tokens).sum(dim=1)
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), by_hand)
+    if pooling == "seq":
+        # Learned, per image: the weights are neither uniform nor the same for every image.
+        assert weights.std(dim=1).min() > 1e-4
+        assert (weights[0] - weights[1]).abs().max() > 1e-4
+        assert "pool_score.weight" in model.state_dict()

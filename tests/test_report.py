@@ -56,19 +56,23 @@ def test_report_of_a_trained_run(trained_run, data_root, tmp_path):
     assert "CLS token" in page
 
 
-def test_report_of_a_mean_pooling_rgb_run(tmp_path):
-    # A real (tiny) run on RGB images with mean pooling: the attention figures follow the
-    # pooling and the colour images are shown in colour.
+@pytest.mark.parametrize("stem, pooling, phrase", [
+    ("patch", "mean", "mean-pooled output"),
+    ("cct", "seq", "sequence-pooled output"),
+])
+def test_report_of_a_pooled_rgb_run(tmp_path, stem, pooling, phrase):
+    # A real (tiny) run on RGB images with mean or sequence pooling: the attention figures
+    # follow the pooling and the colour images are shown in colour.
     root = write_image_folder(tmp_path / "imgs", per_class=24, size=(16, 16), mode="RGB")
     config = build_config(overrides={"dataset": str(root), "val_size": 8, "patch_size": 4,
                                      "dim": 16, "depth": 2, "batch_size": 8, "epochs": 2,
-                                     "pooling": "mean"})
+                                     "pooling": pooling, "stem": stem})
     run = tmp_path / "run"
     train(config, run, quiet=True)
     paths = write_report(run, samples=3, mistakes=5, progress=False)
     assert paths[-1] == run / "report" / "index.html" and len(paths) == 7
     page = check_report(run / "report")
-    assert "mean-pooled output" in page and "CLS token" not in page
+    assert phrase in page and "CLS token" not in page
     with Image.open(run / "report" / "attention_rollout.png") as im:
         rgb = np.asarray(im.convert("RGB"), dtype=float)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 50  # colour, not greyscale

@@ -239,9 +239,9 @@ def test_time_to_accuracy_presets():
     assert fashion["data"]["dataset"] == "fashion-mnist"
     assert sprint["data"]["dataset"] == accurate["data"]["dataset"] == "mnist"
     # One model for the three: patch 7, width 96, depth 4, mean pooling; the 3-minute
-    # recipe puts a convolutional stem in front and plans its schedule for 175 s.
+    # recipe puts CCT's tokenizer in front and plans its schedule for 175 s.
     assert fashion["model"] == accurate["model"] == {**sprint["model"], "stem": "patch"}
-    assert sprint["model"]["stem"] == "conv" and sprint["train"]["time_budget"] == 175
+    assert sprint["model"]["stem"] == "cct" and sprint["train"]["time_budget"] == 175
     assert (sprint["model"]["dim"], sprint["model"]["depth"], sprint["model"]["pooling"]) == (
         96, 4, "mean")
     assert AugmentConfig(**sprint["augment"]).affine
@@ -250,6 +250,26 @@ def test_time_to_accuracy_presets():
     # The Fashion-MNIST long recipe flips and erases, and never rotates clothing.
     long_fashion = AugmentConfig(**build_config("fmnist-accurate")["augment"])
     assert long_fashion.hflip > 0 and long_fashion.erase > 0 and long_fashion.rotate == 0
+
+
+def test_budget_presets_share_one_model_and_fit_their_minutes():
+    budgets = {"mnist-20min": 1185, "fmnist-30min": 1780, "mnist-60min": 3585}
+    configs = {name: build_config(name) for name in budgets}
+    models = [c["model"] for c in configs.values()]
+    assert all(m == models[0] for m in models)
+    assert (models[0]["stem"], models[0]["dim"], models[0]["depth"]) == ("cct", 128, 6)
+    for name, seconds in budgets.items():
+        train_cfg = configs[name]["train"]
+        # Planned a little under the minutes they name: the last epoch's validation ends
+        # the run after the schedule does.
+        assert train_cfg["time_budget"] == seconds <= 60 * int(name.split("-")[1][:-3])
+        # The epoch cap lies beyond the budget even at 20 steps/s (2,560 img/s, about twice
+        # the 2-core CPU's pace): the budget, not the cap, ends the run.
+        assert train_cfg["epochs"] * 55_000 / train_cfg["batch_size"] > seconds * 20
+    # Clothing is flipped and mixed, never rotated; digits keep the affine augmentation.
+    clothes = AugmentConfig(**configs["fmnist-30min"]["augment"])
+    assert clothes.hflip > 0 and clothes.mixes and not clothes.affine
+    assert AugmentConfig(**configs["mnist-60min"]["augment"]).affine
 
 
 def test_shape_presets_match_the_published_shapes():

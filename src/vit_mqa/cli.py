@@ -409,8 +409,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name in PRESETS:
         config = build_config(name)  # what a run of the preset uses, defaults included
         model, train = config["model"], config["train"]
-        shape = (f"patch {model['patch_size']}, dim {model['dim']}, depth {model['depth']}, "
-                 f"{model['num_heads']} heads / {model['num_kv_heads']} K/V, "
+        stem = "" if model["stem"] == "patch" else f"{model['stem']} stem, "
+        shape = (f"{stem}patch {model['patch_size']}, dim {model['dim']}, depth "
+                 f"{model['depth']}, {model['num_heads']} heads / {model['num_kv_heads']} K/V, "
                  f"{model['pooling']}")
         rows.append((name + (" (default)" if name == DEFAULT_PRESET else ""),
                      config["data"]["dataset"], shape, str(train["epochs"]),

@@ -33,8 +33,8 @@ IDX_DATASETS = ("mnist", "fashion-mnist")
 RESIZES = ("stretch", "pad", "center-crop")
 # Settings whose value is one of a few names; the flags list them.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "stem": ("patch", "conv"),
-    "pooling": ("cls", "mean"),
+    "stem": ("patch", "conv", "cct"),
+    "pooling": ("cls", "mean", "seq"),
     "pos_embed": ("learned", "sincos2d"),
     "resize": RESIZES,
     "init_normalization": ("source", "data"),
@@ -78,8 +78,10 @@ class ViTConfig:
     patch_size: int = 4
     """Side of the square patches that become tokens; must divide the image size."""
     stem: str = "patch"
-    """How images become tokens: "patch" (each patch linearly projected, the plain ViT) or
-    "conv" (3x3 stride-2 convolutions to the same token grid; Xiao et al. 2021)."""
+    """How images become tokens: "patch" (each patch linearly projected, the plain ViT),
+    "conv" (3x3 stride-2 convolutions to the same token grid; Xiao et al. 2021) or "cct"
+    (3x3 stride-1 convolutions, each followed by a 3x3 stride-2 max-pooling, to the same
+    grid: the tokenizer of the Compact Convolutional Transformer, Hassani et al. 2021)."""
     in_channels: int = 1
     """Image channels (1 grayscale, 3 RGB); set from the data in training."""
     num_classes: int = 10
@@ -98,7 +100,9 @@ class ViTConfig:
     qkv_bias: bool = True
     """Biases in the query/key/value projection."""
     pooling: str = "cls"
-    """What the head reads: the CLS token ("cls") or the mean of the patch tokens ("mean")."""
+    """What the head reads: the CLS token ("cls"), the mean of the patch tokens ("mean"),
+    or their average weighted by a learned softmax score per token ("seq", the sequence
+    pooling of Hassani et al. 2021)."""
     pos_embed: str = "learned"
     """Position embeddings: "learned", or fixed 2-D sine-cosine ("sincos2d")."""
     dropout: float = 0.0
@@ -134,8 +138,8 @@ class ViTConfig:
 
     @property
     def stem_widths(self) -> list[int]:
-        """Output channels of the convolutional stem's 3x3 stride-2 layers: one per halving
-        that a patch takes (ceil(log2 patch_size)), doubling up to dim, at least 8."""
+        """Output channels of the convolutional stems' 3x3 layers: one per halving that a
+        patch takes (ceil(log2 patch_size)), doubling up to dim, at least 8."""
         n = (self.patch_size - 1).bit_length()
         return [max(self.dim >> (n - 1 - i), 8) for i in range(n)]
 
@@ -163,20 +167,19 @@ class ViTConfig:
                 f"{self.num_heads} (1 = multi-query, {self.num_heads} = multi-head)"
             )
         _check_choice("model", "stem", self.stem)
-        if self.stem == "conv":
-            # Each 3x3 stride-2 layer (padding 1) maps a side s to ceil(s / 2).
+        if self.stem in ("conv", "cct"):
+            # Each 3x3 stride-2 convolution or max-pooling (padding 1) maps a side s to
+            # ceil(s / 2).
             halvings = len(self.stem_widths)
             grid = tuple(-(-side // 2**halvings) for side in (h, w))
             if self.patch_size < 2 or grid != self.grid_size:
                 raise VitMqaError(
-                    f"stem 'conv' halves the image {halvings} times, which makes a "
+                    f"stem {self.stem!r} halves the image {halvings} times, which makes a "
                     f"{grid[0]}x{grid[1]} grid from {h}x{w}, not the {self.grid_size[0]}x"
                     f"{self.grid_size[1]} of patch_size {self.patch_size}; use a patch_size "
                     f"of 2 or more whose halvings reach that grid (a power of two always does)")
-        if self.pooling not in CHOICES["pooling"]:
-            raise VitMqaError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        if self.pos_embed not in CHOICES["pos_embed"]:
-            raise VitMqaError(f"pos_embed must be 'learned' or 'sincos2d', got {self.pos_embed!r}")
+        _check_choice("model", "pooling", self.pooling)
+        _check_choice("model", "pos_embed", self.pos_embed)
         if not 0 < self.mlp_ratio <= 64 or self.dim * self.mlp_ratio < 1:
             raise VitMqaError(f"mlp_ratio must be in (0, 64] and give an MLP of at least one "
                               f"unit, got {self.mlp_ratio} (with dim {self.dim})")
@@ -213,11 +216,15 @@ class ViTConfig:
             widths = [self.in_channels, *self.stem_widths]
             patch = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:]))
             patch += widths[-1] * D + D
+        elif self.stem == "cct":  # 3x3 convolutions without bias, the last one to D
+            widths = [self.in_channels, *self.stem_widths[:-1], D]
+            patch = sum(9 * a * b for a, b in zip(widths, widths[1:]))
         else:
             patch = self.in_channels * self.patch_size**2 * D + D
         pos = (self.num_patches + self.num_prefix_tokens) * D if self.pos_embed == "learned" else 0
         cls_token = D if self.pooling == "cls" else 0
         head = 2 * D + D * self.num_classes + self.num_classes
+        head += D + 1 if self.pooling == "seq" else 0  # the per-token score
         return patch + pos + cls_token + L * block + head
 
 

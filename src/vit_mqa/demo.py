@@ -142,7 +142,7 @@ class DemoModel:
 
     def analyse(self, image: Any) -> Analysis:
         """Classify one image; VitMqaError for an image with no ink."""
-        from .explain import attention_rollout, overlay
+        from .explain import attention_rollout, overlay, readout
 
         p = self.predictor
         prepared = self.prepare(image)
@@ -153,7 +153,7 @@ class DemoModel:
         c = p.model.config
         x = p.preprocess(batch.to(p.device))
         maps = p.model.attention_maps(x)
-        grid = attention_rollout(maps, c.num_prefix_tokens, c.pooling)[0]
+        grid = attention_rollout(maps, c.num_prefix_tokens, readout(p.model, x))[0]
         grid = grid.reshape(c.grid_size).cpu()
         seen = prepared.permute(1, 2, 0).numpy()
         seen = seen[:, :, 0] if seen.shape[2] == 1 else seen

@@ -6,7 +6,8 @@ averaged over heads, the identity is added for the skip connection, rows are
 renormalised, and the layers are multiplied from the first to the last. The row of
 the token that the head reads gives each patch's relevance: the CLS token's row for
 CLS pooling, the average of all rows for mean pooling (the pooled output is the
-mean of the tokens, so its relevance is the mean of theirs).
+mean of the tokens, so its relevance is the mean of theirs), and for sequence pooling
+the rows weighted as the model weights the tokens of that image.
 
 Maps come from ``VisionTransformer.attention_maps(x)``: a list of (B, heads, N, N)
 probabilities, one per layer. Everything here is plain torch / numpy, so importing
@@ -23,11 +24,14 @@ import torch
 from .errors import VitMqaError
 
 POOLINGS = ("cls", "mean")
+# What the pooled output reads: "cls", "mean", or each token's weight (B, N).
+Readout = str | torch.Tensor
 
 
-def _check(maps: Sequence[torch.Tensor], num_prefix_tokens: int, pooling: str) -> None:
-    if pooling not in POOLINGS:
-        raise VitMqaError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+def _check(maps: Sequence[torch.Tensor], num_prefix_tokens: int, pooling: Readout) -> None:
+    if isinstance(pooling, str) and pooling not in POOLINGS:
+        raise VitMqaError(f"pooling must be 'cls', 'mean' or the tokens' pooling weights "
+                          f"(B, N) (for sequence pooling: `readout(model, x)`), got {pooling!r}")
     if not maps:
         raise VitMqaError("no attention maps given (the model has no layers?)")
     shape = maps[0].shape
@@ -36,6 +40,9 @@ def _check(maps: Sequence[torch.Tensor], num_prefix_tokens: int, pooling: str) -
     if any(m.shape != shape for m in maps):
         raise VitMqaError("attention maps of different shapes: "
                           f"{sorted({tuple(m.shape) for m in maps})}")
+    if not isinstance(pooling, str) and tuple(pooling.shape) != (shape[0], shape[-1]):
+        raise VitMqaError(f"pooling weights must be (B, N) = ({shape[0]}, {shape[-1]}) for "
+                          f"these maps, got {tuple(pooling.shape)}")
     if pooling == "cls" and num_prefix_tokens < 1:
         raise VitMqaError("CLS pooling needs a prefix (CLS) token: num_prefix_tokens >= 1")
     if not 0 <= num_prefix_tokens < shape[-1]:
@@ -43,18 +50,35 @@ def _check(maps: Sequence[torch.Tensor], num_prefix_tokens: int, pooling: str) -
                           f"among {shape[-1]}")
 
 
-def _read_out(matrix: torch.Tensor, num_prefix_tokens: int, pooling: str) -> torch.Tensor:
+def _read_out(matrix: torch.Tensor, num_prefix_tokens: int, pooling: Readout) -> torch.Tensor:
     """(B, N, N) token-to-token matrix -> (B, patches): the pooled output's row."""
-    row = matrix[:, 0] if pooling == "cls" else matrix.mean(dim=1)
+    if isinstance(pooling, str):
+        row = matrix[:, 0] if pooling == "cls" else matrix.mean(dim=1)
+    else:
+        row = (pooling.to(matrix).unsqueeze(1) @ matrix).squeeze(1)
     return row[:, num_prefix_tokens:]
 
 
+@torch.no_grad()
+def readout(model: torch.nn.Module, x: torch.Tensor) -> Readout:
+    """What the rollout reads for ``model`` (a ``VisionTransformer``) on normalised images
+    x: its pooling's name, or for sequence pooling the weights (B, N) it gives x's tokens."""
+    if model.config.pooling in POOLINGS:
+        return model.config.pooling
+    was_training = model.training
+    try:
+        return model.eval().pooling_weights(model.forward_features(x))
+    finally:
+        model.train(was_training)
+
+
 def attention_rollout(maps: Sequence[torch.Tensor], num_prefix_tokens: int,
-                      pooling: str) -> torch.Tensor:
+                      pooling: Readout) -> torch.Tensor:
     """Rolled-out relevance of each patch for the pooled output, (B, grid_h * grid_w).
 
-    ``maps`` are per-layer attention probabilities (B, heads, N, N), first layer first.
-    Values are the rollout matrix's entries, not rescaled: for CLS pooling they are the
+    ``maps`` are per-layer attention probabilities (B, heads, N, N), first layer first;
+    ``pooling`` is "cls", "mean" or the tokens' pooling weights (B, N). Values are the
+    rollout matrix's entries, not rescaled: for CLS pooling they are the
     share of the CLS token's flow that reaches each patch (the rest stays on CLS).
     """
     _check(maps, num_prefix_tokens, pooling)
@@ -71,9 +95,10 @@ def attention_rollout(maps: Sequence[torch.Tensor], num_prefix_tokens: int,
 
 
 def layer_attention(maps: Sequence[torch.Tensor], num_prefix_tokens: int,
-                    pooling: str) -> torch.Tensor:
+                    pooling: Readout) -> torch.Tensor:
     """Each layer's head-averaged attention from the pooled token(s) to the patches,
-    (layers, B, grid_h * grid_w): the CLS row for CLS pooling, the mean row for mean."""
+    (layers, B, grid_h * grid_w): the CLS row for CLS pooling, the mean row for mean, the
+    rows weighted by the pooling weights for sequence pooling."""
     _check(maps, num_prefix_tokens, pooling)
     return torch.stack([
         _read_out(attn.detach().float().mean(dim=1), num_prefix_tokens, pooling)
@@ -88,8 +113,9 @@ def model_relevance(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     c = model.config
     maps = model.attention_maps(x)
     gh, gw = c.grid_size
-    rolled = attention_rollout(maps, c.num_prefix_tokens, c.pooling)
-    layers = layer_attention(maps, c.num_prefix_tokens, c.pooling)
+    pooling = readout(model, x)
+    rolled = attention_rollout(maps, c.num_prefix_tokens, pooling)
+    layers = layer_attention(maps, c.num_prefix_tokens, pooling)
     return rolled.reshape(-1, gh, gw), layers.reshape(len(maps), -1, gh, gw)
 
 

@@ -58,8 +58,8 @@ def transfer_weights(model: VisionTransformer, source: VisionTransformer,
     """Copy ``source``'s weights into ``model`` to fine-tune it, and return what was adapted.
 
     Another number of classes gets a freshly initialised head; another image size (patch
-    grid) gets bicubically resampled position embeddings. Another channel count is
-    refused, as is any other difference of shape.
+    grid) gets bicubically resampled position embeddings. Another channel count, stem or
+    pooling is refused, as is any other difference of shape.
     """
     src, dst = source.config, model.config
     if src.in_channels != dst.in_channels:
@@ -69,6 +69,10 @@ def transfer_weights(model: VisionTransformer, source: VisionTransformer,
     if src.stem != dst.stem:
         raise VitMqaError(f"{where} has a {src.stem} stem and this model a {dst.stem} stem: "
                           f"the weights cannot be reused (set `stem` {src.stem})")
+    if src.pooling != dst.pooling:
+        raise VitMqaError(f"{where} pools its tokens with {src.pooling!r} and this model with "
+                          f"{dst.pooling!r}: the weights cannot be reused as they are (set "
+                          f"`pooling` {src.pooling})")
     state = adapt_state_dict(source.state_dict(), src, dst)
     target = model.state_dict()
     notices = []

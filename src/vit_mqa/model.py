@@ -1,12 +1,12 @@
 """Vision Transformer with multi-query / grouped-query attention.
 
-Read top to bottom: position embeddings, the two stems (patch embedding, convolutions),
-encoder block, the model. As in timm, ``forward_features`` returns normalised tokens,
-``forward_head`` pools and classifies, ``get_intermediate_layers`` returns chosen
-blocks' outputs, and ``reset_classifier`` / ``no_weight_decay`` serve fine-tuning;
-``attention_maps`` computes the per-layer attention probabilities on request.
-``save_pretrained`` / ``from_pretrained`` read and write a directory of
-``config.json`` + ``model.safetensors`` (as in Hugging Face).
+Read top to bottom: position embeddings, the three stems (patch embedding, strided
+convolutions, convolutions with max-pooling), encoder block, the model. As in timm,
+``forward_features`` returns normalised tokens, ``forward_head`` pools and classifies,
+``get_intermediate_layers`` returns chosen blocks' outputs, and ``reset_classifier`` /
+``no_weight_decay`` serve fine-tuning; ``attention_maps`` computes the per-layer attention
+probabilities on request. ``save_pretrained`` / ``from_pretrained`` read and write a
+directory of ``config.json`` + ``model.safetensors`` (as in Hugging Face).
 """
 
 from __future__ import annotations
@@ -95,6 +95,38 @@ class ConvStem(nn.Module):
         return self.layers(x).flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, dim)
 
 
+class ConvPoolTokenizer(nn.Module):
+    """The Compact Convolutional Transformer's tokenizer (Hassani et al. 2021).
+
+    Per halving: a 3x3 stride-1 convolution (no bias) and ReLU at full resolution, then a
+    3x3 stride-2 max-pooling; the channels double up to ``dim``, which the last
+    convolution outputs. The grid is the conv stem's, but each convolution sees every
+    pixel of its input: about 3x the conv stem's multiply-adds (28 px, dim 128: 7.5M
+    against 2.4M), and max-pooling's tolerance of small shifts.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int], dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = [in_channels, *widths[:-1], dim]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, dim)
+
+
+def make_stem(config: ViTConfig) -> nn.Module:
+    c = config
+    if c.stem == "conv":
+        return ConvStem(c.in_channels, c.stem_widths, c.dim)
+    if c.stem == "cct":
+        return ConvPoolTokenizer(c.in_channels, c.stem_widths, c.dim)
+    return PatchEmbed(c.in_channels, c.patch_size, c.dim)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample."""
 
@@ -155,8 +187,7 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         self.preprocess = Preprocess(c.image_size, c.in_channels, (0.5,) * c.in_channels,
                                      (0.5,) * c.in_channels)
         self.classes = [str(i) for i in range(c.num_classes)]
-        self.patch_embed = (ConvStem(c.in_channels, c.stem_widths, c.dim) if c.stem == "conv"
-                            else PatchEmbed(c.in_channels, c.patch_size, c.dim))
+        self.patch_embed = make_stem(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pooling == "cls" else None
         num_tokens = c.num_prefix_tokens + c.num_patches
         if c.pos_embed == "learned":
@@ -170,6 +201,8 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList([Block(c, r) for r in rates])
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
+        # Sequence pooling's score per token (pooling "seq").
+        self.pool_score = nn.Linear(c.dim, 1) if c.pooling == "seq" else None
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.dim, c.num_classes)
         self.reset_parameters()
@@ -184,7 +217,7 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         # in docs/benchmarks.md, "Ablation: mnist-3min, one change at a time".
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-                # The conv stem's layers feed ReLUs (He et al. 2015).
+                # The convolutional stems' layers feed ReLUs (He et al. 2015).
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
@@ -242,11 +275,23 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
             x = block(x)
         return self.norm(x)
 
+    def pooling_weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's weight in the pooled output, (B, tokens), summing to 1: the CLS
+        token's one-hot row, a uniform row for mean pooling, learned scores for "seq"."""
+        B, N = tokens.shape[:2]
+        if self.pool_score is not None:
+            return self.pool_score(tokens).squeeze(-1).softmax(dim=-1)
+        if self.config.pooling == "cls":
+            return F.one_hot(tokens.new_zeros(B, dtype=torch.long), N).to(tokens.dtype)
+        return tokens.new_full((B, N), 1.0 / N)
+
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.config.pooling == "cls":
             pooled = tokens[:, 0]
-        else:
+        elif self.config.pooling == "mean":
             pooled = tokens.mean(dim=1)
+        else:
+            pooled = (self.pooling_weights(tokens).unsqueeze(1) @ tokens).squeeze(1)
         pooled = self.head_drop(pooled)
         return pooled if pre_logits else self.head(pooled)
 

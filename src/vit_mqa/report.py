@@ -35,7 +35,7 @@ from .data import Split
 from .distributed import pick_device
 from .errors import VitMqaError
 from .evaluate import classification_report, evaluate, load_run
-from .explain import attention_rollout, layer_attention, overlay
+from .explain import attention_rollout, layer_attention, overlay, readout
 from .preprocess import Preprocess
 
 REPORT_DIR = "report"
@@ -256,7 +256,9 @@ def sample_indices(labels: torch.Tensor, count: int, seed: int = 0) -> list[int]
 
 
 def _pooling_phrase(pooling: str) -> str:
-    return "CLS token" if pooling == "cls" else "mean-pooled output (all tokens' rows averaged)"
+    return {"cls": "CLS token", "mean": "mean-pooled output (all tokens' rows averaged)",
+            "seq": "sequence-pooled output (the tokens' rows weighted by the learned "
+                   "pooling weights)"}[pooling]
 
 
 def attention_figures(fig_class: type, model: torch.nn.Module, preprocess: Preprocess,
@@ -267,8 +269,9 @@ def attention_figures(fig_class: type, model: torch.nn.Module, preprocess: Prepr
     x = preprocess(f.images[indices].to(device))
     maps = model.attention_maps(x)
     gh, gw = c.grid_size
-    rolled = attention_rollout(maps, c.num_prefix_tokens, c.pooling).reshape(-1, gh, gw).cpu()
-    layers = layer_attention(maps, c.num_prefix_tokens, c.pooling).reshape(
+    pooling = readout(model, x)
+    rolled = attention_rollout(maps, c.num_prefix_tokens, pooling).reshape(-1, gh, gw).cpu()
+    layers = layer_attention(maps, c.num_prefix_tokens, pooling).reshape(
         len(maps), -1, gh, gw).cpu()
     shown = [_display(f.images[i]) for i in indices]
     titles = []
