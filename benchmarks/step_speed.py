@@ -33,7 +33,8 @@ from vit_mqa.training import compile_model, make_optimizer, training_step
 
 MODES = {"eager": (False, False), "bf16": (True, False), "compile": (False, True),
          "bf16+compile": (True, True)}
-# The image shape each dataset gives the model (image folders: pass --set image_size=N).
+# The image shape (channels, side) that each dataset gives the model; an image folder's
+# comes from --set image_size=N and --set in_channels=1|3 (default 3).
 IMAGE_SHAPES = {"mnist": (1, 28), "fashion-mnist": (1, 28)}
 
 
@@ -51,12 +52,12 @@ class Stepper:
     """One mode's model, optimizer and batch; ``steps(n)`` runs n training steps."""
 
     def __init__(self, model_cfg: ViTConfig, train_cfg: TrainConfig, bf16: bool,
-                 compile: bool) -> None:
+                 use_compile: bool) -> None:
         torch.manual_seed(0)
         self.model = VisionTransformer(model_cfg).train()
         self.cfg = TrainConfig(**{**vars(train_cfg), "bf16": bf16})
         self.optimizer = make_optimizer(self.model, self.cfg, torch.device("cpu"))
-        self.step_model = compile_model(self.model) if compile else self.model
+        self.step_model = compile_model(self.model) if use_compile else self.model
         self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         g = torch.Generator().manual_seed(0)
         batch = train_cfg.batch_size
@@ -77,16 +78,20 @@ class Stepper:
 def measure(preset: str, overrides: dict[str, Any], modes: list[str], warmup_steps: int,
             steps: int, rounds: int) -> dict[str, Any]:
     config = build_config(preset, overrides=overrides)
-    dataset = config["data"]["dataset"]
-    model = dict(config["model"])
-    if dataset in IMAGE_SHAPES and "image_size" not in overrides:
-        model["in_channels"], model["image_size"] = IMAGE_SHAPES[dataset]
-    model_cfg = ViTConfig.from_dict(model)
+    data = config["data"]
+    if data["dataset"] in IMAGE_SHAPES:
+        channels, side = IMAGE_SHAPES[data["dataset"]]
+    elif data["image_size"] is None:
+        raise VitMqaError(f"preset {preset!r} trains on an image folder: give its image "
+                          "size with --set image_size=N")
+    else:
+        channels, side = data["in_channels"] or 3, data["image_size"]
+    model_cfg = ViTConfig.from_dict({**config["model"], "in_channels": channels,
+                                     "image_size": side})
     train_cfg = TrainConfig(**config["train"])
     steppers, results = {}, {}
     for mode in modes:
-        bf16, compile = MODES[mode]
-        steppers[mode] = Stepper(model_cfg, train_cfg, bf16, compile)
+        steppers[mode] = Stepper(model_cfg, train_cfg, *MODES[mode])
         results[mode] = {"warmup_s": steppers[mode].steps(warmup_steps), "rounds_s": []}
     for _ in range(rounds):
         for mode in modes:

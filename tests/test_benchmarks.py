@@ -130,12 +130,16 @@ def test_step_speed_times_each_mode_of_a_preset_model(tmp_path):
     for mode in report["modes"].values():
         assert len(mode["rounds_s"]) == 2 and all(t > 0 for t in mode["rounds_s"])
         assert mode["images_per_s"] == pytest.approx(8 * 2 / statistics.median(mode["rounds_s"]))
-    assert report["modes"]["eager"]["vs_eager"] == 1.0
+    modes = report["modes"]
+    assert modes["bf16"]["vs_eager"] == pytest.approx(
+        modes["bf16"]["images_per_s"] / modes["eager"]["images_per_s"])
     assert report["machine"]["torch"] == torch.__version__
     assert "| bf16 |" in result.stdout
     for args, message in ((["--modes", "eager,fp8"], "unknown mode 'fp8'"),
                           (["--set", "depht=2"], "unknown setting 'depht'"),
-                          (["--rounds", "0"], "--rounds must be >= 1")):
+                          (["--rounds", "0"], "--rounds must be >= 1"),
+                          (["--set", "dataset=photos"], "give its image size with --set "
+                                                         "image_size=N")):
         result = subprocess.run([sys.executable, script, *args], capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 1 and result.stderr.startswith("step_speed: error: ")

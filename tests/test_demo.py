@@ -26,7 +26,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_mqa.demo import BLANK_MESSAGE, DemoModel, attention_layout, layout_markdown
+from vit_mqa.demo import BLANK_MESSAGE, DemoModel, attention_layout, layout_markdown, upscale
+from vit_mqa.explain import attention_rollout, overlay
 from vit_mqa.model import VisionTransformer, ViTConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -68,8 +69,6 @@ def test_layout_describes_each_kind_of_attention():
 
 
 def test_analysis_of_a_cct_model_with_sequence_pooling(tmp_path):
-    # The page's rollout reads the tokens as the model pools them (the learned weights of
-    # this image's tokens; checked against a hand computation in test_explain.py).
     torch.manual_seed(0)
     model = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2,
                                         stem="cct", pooling="seq"))
@@ -78,9 +77,28 @@ def test_analysis_of_a_cct_model_with_sequence_pooling(tmp_path):
     model.save_pretrained(tmp_path / "m")
     digit = np.zeros((28, 28), np.uint8)
     digit[5:23, 12:16] = 255  # a "1"
-    analysis = DemoModel(tmp_path / "m").analyse(Image.fromarray(digit))
+    demo = DemoModel(tmp_path / "m")
+    analysis = demo.analyse(Image.fromarray(digit))
     assert len(analysis.top) == 5 and analysis.model_input.shape == (28, 28)
-    assert analysis.overlay.shape == (224, 224, 3) and analysis.overlay.std() > 5
+    assert analysis.overlay.shape == (224, 224, 3)
+    # The overlay is the rollout read with this image's pooling weights, not the uniform
+    # (mean-pooling) reading of the same maps.
+    p = demo.predictor
+    x = p.preprocess(demo.prepare(Image.fromarray(digit)).unsqueeze(0))
+    maps = p.model.attention_maps(x)
+    weights = torch.softmax(p.model.forward_features(x) @ p.model.pool_score.weight[0]
+                            + p.model.pool_score.bias, dim=1).detach()
+
+    def shown(pooling):
+        grid = attention_rollout(maps, 0, pooling)[0].reshape(4, 4)
+        return overlay(upscale(analysis.model_input), grid, alpha=0.5)
+
+    def diff(a, b):
+        return np.abs(a.astype(int) - b.astype(int)).max()
+
+    assert diff(analysis.overlay, shown(weights)) <= 1  # rounding of the heat map's colours
+    assert diff(analysis.overlay, shown("mean")) > 10
+    assert "4×4 tokens from the cct stem, seq pooling" in layout_markdown(p.model)
 
 
 def test_missing_gradio_is_one_line_and_help_does_not_import_it():

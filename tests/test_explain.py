@@ -72,7 +72,8 @@ def test_rollout_matches_hand_computation(pooling):
     read = readout(model, x)
     if pooling == "seq":  # the weights the model pools this image's tokens with
         with torch.no_grad():
-            torch.testing.assert_close(read, model.pooling_weights(model.forward_features(x)))
+            scores = model.forward_features(x) @ model.pool_score.weight[0]
+            torch.testing.assert_close(read, (scores + model.pool_score.bias).softmax(dim=1))
     else:
         assert read == pooling
     got = attention_rollout(maps, prefix, read)

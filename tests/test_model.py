@@ -370,6 +370,9 @@ def test_pooled_output_is_the_tokens_weighted_by_the_pooling_weights(pooling):
     by_hand = (weights[:, :, None] * tokens).sum(dim=1)
     torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), by_hand)
     if pooling == "seq":
+        # A softmax over the tokens of one learned score each.
+        scores = tokens @ model.pool_score.weight[0] + model.pool_score.bias
+        torch.testing.assert_close(weights, scores.softmax(dim=1))
         # Learned, per image: the weights are neither uniform nor the same for every image.
         assert weights.std(dim=1).min() > 1e-4
         assert (weights[0] - weights[1]).abs().max() > 1e-4

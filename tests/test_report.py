@@ -72,7 +72,7 @@ def test_report_of_a_pooled_rgb_run(tmp_path, stem, pooling, phrase):
     paths = write_report(run, samples=3, mistakes=5, progress=False)
     assert paths[-1] == run / "report" / "index.html" and len(paths) == 7
     page = check_report(run / "report")
-    assert phrase in page and "CLS token" not in page
+    assert phrase in page and "CLS token" not in page and f"{stem} stem" in page
     with Image.open(run / "report" / "attention_rollout.png") as im:
         rgb = np.asarray(im.convert("RGB"), dtype=float)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 50  # colour, not greyscale

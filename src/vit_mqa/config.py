@@ -224,7 +224,7 @@ class ViTConfig:
         pos = (self.num_patches + self.num_prefix_tokens) * D if self.pos_embed == "learned" else 0
         cls_token = D if self.pooling == "cls" else 0
         head = 2 * D + D * self.num_classes + self.num_classes
-        head += D + 1 if self.pooling == "seq" else 0  # the per-token score
+        head += (D + 1) if self.pooling == "seq" else 0  # the per-token score
         return patch + pos + cls_token + L * block + head
 
 

@@ -99,9 +99,11 @@ def layout_markdown(model: torch.nn.Module) -> str:
             groups[-1].append(r)
         else:
             groups.append([r])
+    tokens = (f"patches of {c.patch_size}×{c.patch_size} px" if c.stem == "patch"
+              else f"tokens from the {c.stem} stem")
     lines = [f"**Attention layout**: {c.depth} layers, dim {c.dim}, head dim "
-             f"{c.dim // c.num_heads}, {c.grid_size[0]}×{c.grid_size[1]} patches of "
-             f"{c.patch_size}×{c.patch_size} px, {c.pooling} pooling",
+             f"{c.dim // c.num_heads}, {c.grid_size[0]}×{c.grid_size[1]} {tokens}, "
+             f"{c.pooling} pooling",
              "", "| layers | query heads | K/V heads | layout |", "|:--|--:|--:|:--|"]
     for g in groups:
         first, last = g[0]["layer"], g[-1]["layer"]

@@ -43,7 +43,7 @@ def _check(maps: Sequence[torch.Tensor], num_prefix_tokens: int, pooling: Readou
     if not isinstance(pooling, str) and tuple(pooling.shape) != (shape[0], shape[-1]):
         raise VitMqaError(f"pooling weights must be (B, N) = ({shape[0]}, {shape[-1]}) for "
                           f"these maps, got {tuple(pooling.shape)}")
-    if pooling == "cls" and num_prefix_tokens < 1:
+    if isinstance(pooling, str) and pooling == "cls" and num_prefix_tokens < 1:
         raise VitMqaError("CLS pooling needs a prefix (CLS) token: num_prefix_tokens >= 1")
     if not 0 <= num_prefix_tokens < shape[-1]:
         raise VitMqaError(f"num_prefix_tokens {num_prefix_tokens} leaves no patch tokens "
@@ -54,7 +54,7 @@ def _read_out(matrix: torch.Tensor, num_prefix_tokens: int, pooling: Readout) ->
     """(B, N, N) token-to-token matrix -> (B, patches): the pooled output's row."""
     if isinstance(pooling, str):
         row = matrix[:, 0] if pooling == "cls" else matrix.mean(dim=1)
-    else:
+    else:  # each token's row, weighted by its share of the pooled output
         row = (pooling.to(matrix).unsqueeze(1) @ matrix).squeeze(1)
     return row[:, num_prefix_tokens:]
 
@@ -62,14 +62,16 @@ def _read_out(matrix: torch.Tensor, num_prefix_tokens: int, pooling: Readout) ->
 @torch.no_grad()
 def readout(model: torch.nn.Module, x: torch.Tensor) -> Readout:
     """What the rollout reads for ``model`` (a ``VisionTransformer``) on normalised images
-    x: its pooling's name, or for sequence pooling the weights (B, N) it gives x's tokens."""
+    x: its pooling's name, or for sequence pooling the weights (B, N) it gives x's tokens
+    (one more forward pass, in eval mode; every module's mode is restored after it)."""
     if model.config.pooling in POOLINGS:
         return model.config.pooling
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         return model.eval().pooling_weights(model.forward_features(x))
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
 
 
 def attention_rollout(maps: Sequence[torch.Tensor], num_prefix_tokens: int,

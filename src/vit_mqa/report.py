@@ -336,7 +336,7 @@ def _index_html(run_dir: Path, config: dict[str, Any], f: Figures, weights: str,
                           f"images (loss {f.report['loss']:.4f})"),
         ("model", f"{c['depth']} layers, dim {c['dim']}, {c['num_heads']} heads / "
                   f"{c['num_kv_heads']} K/V heads, patch {c['patch_size']}, "
-                  f"{c['pooling']} pooling"),
+                  f"{c.get('stem', 'patch')} stem, {c['pooling']} pooling"),
         ("dataset", str(config.get("data", {}).get("dataset", "?"))),
     ]
     if best is not None:
