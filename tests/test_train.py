@@ -255,9 +255,12 @@ def test_time_to_accuracy_presets():
 def test_budget_presets_share_one_model_and_fit_their_minutes():
     budgets = {"mnist-20min": 1185, "fmnist-30min": 1780, "mnist-60min": 3585}
     configs = {name: build_config(name) for name in budgets}
-    models = [c["model"] for c in configs.values()]
-    assert all(m == models[0] for m in models)
-    assert (models[0]["stem"], models[0]["dim"], models[0]["depth"]) == ("cct", 128, 6)
+    # One model: CCT's tokenizer for digits, the conv stem for clothing (measured best on
+    # validation at 30 minutes).
+    digits = configs["mnist-20min"]["model"]
+    assert configs["mnist-60min"]["model"] == digits
+    assert configs["fmnist-30min"]["model"] == {**digits, "stem": "conv"}
+    assert (digits["stem"], digits["dim"], digits["depth"]) == ("cct", 128, 6)
     for name, seconds in budgets.items():
         train_cfg = configs[name]["train"]
         # Planned a little under the minutes they name: the last epoch's validation ends
