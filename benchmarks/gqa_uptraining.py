@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 from vit_mqa.checkpoint import RESULTS_NAME, read_config
-from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, load_data
 from vit_mqa.evaluate import evaluate
 from vit_mqa.interop import convert_kv_heads
 from vit_mqa.model import count_parameters, load_model_dir, save_model_dir
 from vit_mqa.preprocess import Preprocess
+from vit_mqa.recipe import build_config
 from vit_mqa.training import train
 
 

@@ -6,7 +6,7 @@
 
 For each model shape, every implementation is built at the same patch size, width,
 depth, query heads and MLP width, and timed on the same batches with the same
-training step (``training.training_step``: forward, label-smoothed cross-entropy,
+training step (``steps.training_step``: forward, label-smoothed cross-entropy,
 backward, gradient clipping, fused AdamW). Timed windows are taken round-robin
 across implementations, so that drift in the machine's speed falls on all of them
 alike, and the median window is reported.
@@ -48,9 +48,10 @@ from vit_mqa.attention import (
 from vit_mqa.config import AugmentConfig, TrainConfig
 from vit_mqa.errors import VitMqaError
 from vit_mqa.model import VisionTransformer, ViTConfig, count_parameters
+from vit_mqa.optim import make_optimizer
 from vit_mqa.preprocess import Preprocess
 from vit_mqa.presets import PRESETS
-from vit_mqa.training import compile_model, make_batch, make_optimizer, training_step
+from vit_mqa.steps import compile_model, make_batch, training_step
 
 PEERS = ("vit-pytorch", "hf-vit")
 
@@ -463,7 +464,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
 def pipeline_share(shape: Shape, batch_size: int, opts: BenchOptions,
                    augment: AugmentConfig | None = None) -> dict[str, Any]:
     """Share of a training step spent outside the model: batch gathering from the uint8
-    dataset tensor, augmentation, normalisation (``training.make_batch``, as training runs it)."""
+    dataset tensor, augmentation, normalisation (``steps.make_batch``, as training runs it)."""
     device = opts.device
     gen = torch.Generator().manual_seed(0)
     n = max(20 * batch_size, 10_000)

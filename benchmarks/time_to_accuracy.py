@@ -30,10 +30,10 @@ from typing import Any
 import machine
 
 from vit_mqa.checkpoint import write_json
-from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, load_data
 from vit_mqa.errors import VitMqaError
 from vit_mqa.evaluate import evaluate
+from vit_mqa.recipe import build_config
 from vit_mqa.training import train
 
 # Test-accuracy thresholds reported per dataset (the targets in docs/benchmarks.md).

@@ -7,10 +7,15 @@ from vit_mqa.augment import (
     AugmentConfig,
     affine_theta,
     augment,
+    elastic_displacement,
     mix_batch,
     random_affine,
+    random_blur,
+    random_contrast,
     random_erase,
     random_hflip,
+    random_lowres,
+    random_stroke,
     warp,
 )
 from vit_mqa.errors import VitMqaError
@@ -181,3 +186,115 @@ def test_mixing_is_seeded_and_off_means_one_hot_targets():
 def test_mix_bad_settings(kw):
     with pytest.raises(VitMqaError, match="need mixup and cutmix in"):
         AugmentConfig(**kw)
+
+
+# ----- the stages for real digits: slant, width, elastic, stroke, low-res, blur, contrast ---
+
+def _bar(height: int = 28, width: int = 28) -> torch.Tensor:
+    """A vertical bar 4 px wide through the middle: one image (1, 1, H, W)."""
+    x = torch.zeros(1, 1, height, width)
+    x[:, :, 4:height - 4, width // 2 - 2:width // 2 + 2] = 1.0
+    return x
+
+
+def _column_centre(rows: torch.Tensor) -> float:
+    """Ink-weighted mean column of some rows (R, W)."""
+    cols = torch.arange(rows.shape[-1], dtype=rows.dtype)
+    return float((rows * cols).sum() / rows.sum())
+
+
+_STILL = {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0}
+
+
+def test_slant_shears_a_vertical_bar_and_keeps_its_height():
+    x = _bar().repeat(64, 1, 1, 1)
+    out = random_affine(x, AugmentConfig(**_STILL, slant=30.0), torch.Generator().manual_seed(0))
+    tilt = [_column_centre(o[0, 5:9]) - _column_centre(o[0, -9:-5]) for o in out]
+    # Both directions occur, up to tan(30 deg) * 15 rows ~ 8.7 px, and every row keeps ink.
+    assert min(tilt) < -2 and max(tilt) > 2 and max(abs(t) for t in tilt) < 9.5
+    assert (out[:, 0, 6:-6].sum(dim=2) > 1).all()
+
+
+def test_aspect_changes_the_width_not_the_height():
+    x = _bar().repeat(64, 1, 1, 1)
+    out = random_affine(x, AugmentConfig(**_STILL, aspect=1.5), torch.Generator().manual_seed(0))
+    widths = out[:, 0, 14].sum(dim=1)  # ink across the middle row: the bar's width
+    assert widths.min() < 3.4 and widths.max() > 4.8 and widths.max() < 6.2
+    assert torch.allclose(out[:, 0, :, 14].sum(dim=1), x[:, 0, :, 14].sum(dim=1), atol=0.6)
+
+
+def test_elastic_displacement_is_smooth_and_of_the_stated_size():
+    g = torch.Generator().manual_seed(0)
+    field = elastic_displacement(256, 28, 28, 3.0, g, torch.device("cpu"), torch.float32)
+    assert field.shape == (256, 28, 28, 2)
+    pixels = field * 14  # grid units to pixels at 28 px
+    # Strengths are uniform in [0, 3]: about 0.9 px on average (1.6 px at full strength);
+    # bicubic enlargement may overshoot the coarse noise's [-1, 1] a little.
+    assert 0.6 < pixels.std().item() < 1.2 and pixels.abs().max() < 4.5
+    # Neighbouring pixels move together: a distortion, not noise.
+    step = (pixels[:, 1:] - pixels[:, :-1]).abs().mean()
+    assert step < 0.2 * pixels.abs().mean()
+    same = elastic_displacement(256, 28, 28, 3.0, torch.Generator().manual_seed(0),
+                                torch.device("cpu"), torch.float32)
+    assert torch.equal(field, same)
+
+
+def test_elastic_distortion_moves_ink_but_keeps_it():
+    x = _bar().repeat(8, 1, 1, 1)
+    out = random_affine(x, AugmentConfig(**_STILL, elastic=3.0), torch.Generator().manual_seed(1))
+    assert not torch.allclose(out, x, atol=0.05)
+    # Local stretching changes the ink's area somewhat, never wholesale.
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=0.3)
+
+
+def test_stroke_width_grows_and_shrinks_within_the_amount():
+    x = _bar().repeat(200, 1, 1, 1)
+    out = random_stroke(x, 2.0, torch.Generator().manual_seed(0))
+    widths = out[:, 0, 14].sum(dim=1)  # 4 px to start with; +-2 px at most
+    assert widths.min() < 2.6 and widths.max() > 5.4
+    assert widths.min() >= 2.0 - 1e-4 and widths.max() <= 6.0 + 1e-4
+    assert torch.allclose(out.flatten(1).amax(dim=1), torch.ones(200))  # ink stays white
+
+
+def test_lowres_round_trip_blurs_edges_and_keeps_white_ink():
+    x = _images()
+    off = random_lowres(x, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(off, x)
+    out = random_lowres(x, 1.0, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, x)
+    assert torch.allclose(out.flatten(1).amax(dim=1), torch.ones(4))  # re-stretched
+
+
+def test_blur_softens_edges_per_image():
+    x = _bar().repeat(32, 1, 1, 1)
+    out = random_blur(x, 3.0, torch.Generator().manual_seed(0))
+    edge = (out[:, 0, 14, 1:] - out[:, 0, 14, :-1]).abs().amax(dim=1)
+    assert edge.min() < 0.6 and edge.max() > 0.9  # some blurred hard, some nearly not
+
+
+def test_contrast_makes_faint_noisy_ink_on_the_chosen_images_only():
+    x = _images().repeat(16, 1, 1, 1)
+    out = random_contrast(x, 0.5, torch.Generator().manual_seed(0))
+    changed = (out != x).flatten(1).any(dim=1)
+    assert 0 < changed.sum() < len(x)
+    tops = out[changed].flatten(1).amax(dim=1)
+    assert out.min() >= 0 and out.max() <= 1 and tops.min() < 0.9
+
+
+def test_every_stage_is_seeded_and_changes_images():
+    cfg = AugmentConfig(slant=15, aspect=1.25, elastic=3, stroke=1, lowres=0.5, blur=1,
+                        contrast=0.5)
+    x = _images()
+    a = augment(x, cfg, torch.Generator().manual_seed(5))
+    b = augment(x, cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+@pytest.mark.parametrize("kw", [{"slant": -1}, {"slant": 61}, {"aspect": 0.9}, {"aspect": 5},
+                                {"elastic": -1}, {"elastic": 11}, {"stroke": 5},
+                                {"lowres": 1.5}, {"blur": -0.1}, {"blur": 5},
+                                {"contrast": 2}, {"elastic": float("nan")}])
+def test_real_digit_stage_bad_settings(kw):
+    with pytest.raises(VitMqaError):
+        AugmentConfig(**kw).validate()

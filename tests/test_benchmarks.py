@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from vit_mqa.config import ViTConfig, build_config
+from vit_mqa.config import ViTConfig
+from vit_mqa.recipe import build_config
 
 
 def run_tta(*args: str) -> subprocess.CompletedProcess:

@@ -147,3 +147,14 @@ def test_the_checker_catches_broken_links(tmp_path):
     targets = [p.split(": ")[1] for p in problems]
     assert targets == ["docs/b.md", "missing.png", "docs/a.md#nope", "../outside.md",
                        "/etc/passwd", "docs/c.md"], problems
+
+
+def test_architecture_page_names_every_module_and_only_those():
+    page = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"^\| `([a-z_]+)` \|", page, re.M))
+    modules = {p.stem for p in (REPO / "src" / "vit_mqa").glob("*.py")}
+    assert named == modules, (sorted(modules - named), sorted(named - modules))
+    from tests.test_layout import LAYERS
+
+    in_order = re.findall(r"^\| `([a-z_]+)` \|", page, re.M)
+    assert [m for m in in_order if m in LAYERS] == LAYERS  # the page lists the import order

@@ -10,10 +10,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vit_mqa"
 # Lowest first: a module may import only modules before it.
-LAYERS = ["_version", "errors", "presets", "config", "attention", "checkpoint", "preprocess",
-          "model", "augment", "data", "distributed", "evaluate", "explain",
-          "tensorboard_log", "interop", "factory", "predict", "training", "report", "demo",
-          "cli", "__main__"]
+LAYERS = ["_version", "errors", "pretrained", "presets", "config_checks", "config", "recipe",
+          "attention", "checkpoint", "images", "ink", "preprocess", "printed", "model",
+          "augment", "data", "distributed", "evaluate", "calibration", "explain",
+          "tensorboard_log", "interop", "factory", "predict", "optim", "steps", "run_state",
+          "run_setup", "training", "report", "demo", "cli", "__main__"]
 
 
 def package_imports(path: Path) -> set[str]:

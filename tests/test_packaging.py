@@ -48,11 +48,29 @@ def test_wheel_holds_the_package_only(wheel):
     assert all(n.startswith(("vit_mqa/", dist_info)) for n in names), sorted(
         n for n in names if not n.startswith(("vit_mqa/", dist_info)))
     assert "vit_mqa/py.typed" in names and "vit_mqa/model.py" in names
+    shipped = re.compile(r"vit_mqa/pretrained/[a-z-]+/(config|card)\.json")
     assert not any("/results/" in n or n.endswith((".json", ".jsonl", ".ipynb", ".png"))
-                   for n in names)
+                   for n in names if not shipped.fullmatch(n))
     metadata = zipfile.ZipFile(wheel).read(dist_info + "METADATA").decode()
     assert f"\nVersion: {vit_mqa.__version__}\n" in metadata
     assert "Classifier: Typing :: Typed" in metadata
+
+
+def test_wheel_carries_the_built_in_models_and_the_printed_digits(wheel):
+    import hashlib
+    import json
+
+    from vit_mqa.pretrained import BUILTIN_MODELS, PREFIX
+
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "vit_mqa/assets/printed-digits.npz" in names
+        for name in BUILTIN_MODELS:
+            folder = f"vit_mqa/pretrained/{name.removeprefix(PREFIX)}/"
+            assert {folder + f for f in ("config.json", "card.json", "model.safetensors")} <= names
+            card = json.loads(z.read(folder + "card.json"))
+            weights = z.read(folder + "model.safetensors")
+            assert hashlib.sha256(weights).hexdigest() == card["sha256"]
 
 
 def test_sdist_ships_every_file_the_readme_links_to(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from benchmarks.people_styles import STYLES, render, style_rng
 from tests.conftest import run_cli, write_image_folder
@@ -130,6 +130,86 @@ def test_blank_images_are_refused(blank):
         prepare(blank, (28, 28), 1, "mnist")
     with pytest.raises(VitMqaError, match="no ink found"):
         prepare(blank, (28, 28), 1, "fashion-mnist")
+
+
+def _tight(digit: np.ndarray, scale: int) -> np.ndarray:
+    """The digit enlarged and cropped to its ink: strokes touch every edge."""
+    big = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale),
+                                                   Image.Resampling.BICUBIC))
+    rows, cols = np.flatnonzero(big.max(1) > 40), np.flatnonzero(big.max(0) > 40)
+    return big[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _shrunk(digit: np.ndarray, side: int) -> np.ndarray:
+    """The digit's ink box reduced so that its longer side is ``side`` px, tight."""
+    ink = _tight(digit, 1)
+    s = side / max(ink.shape)
+    size = (max(1, round(ink.shape[1] * s)), max(1, round(ink.shape[0] * s)))
+    return np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.BOX))
+
+
+def _faint(digit: np.ndarray, contrast: float, noise: float, seed: int) -> np.ndarray:
+    big = np.asarray(Image.fromarray(digit).resize((112, 112)), dtype=np.float32) / 255
+    a = 0.7 - contrast * big + np.random.default_rng(seed).normal(0, noise, big.shape)
+    return (np.clip(a, 0, 1) * 255).astype(np.uint8)
+
+
+def _upscaled_blurred(digit: np.ndarray, side: int) -> np.ndarray:
+    """A digit scanned at ``side`` px, enlarged to 64 px and blurred, full contrast."""
+    small = Image.fromarray(_shrunk(digit, side))
+    up = small.resize((64 * small.width // max(small.size), 64 * small.height // max(small.size)),
+                      Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(1.5))
+    a = np.asarray(up, dtype=np.float32)
+    return ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: 255 - _tight(d, 4),  # dark on light, cropped to the ink
+    lambda d: _tight(d, 4),  # light on dark, cropped to the ink
+    lambda d: 255 - _tight(d, 1),  # at MNIST's own size, cropped
+    lambda d: _faint(d, 0.08, 0.01, 0),  # 8 % contrast, noisy
+    lambda d: _faint(d, -0.06, 0.005, 1),  # light ink, 6 % contrast
+    lambda d: 255 - _upscaled_blurred(d, 8),  # scanned at 8 px, enlarged, blurred
+    lambda d: _upscaled_blurred(d, 12),
+    lambda d: 255 - _shrunk(d, 16),  # 16 px, not enlarged
+    lambda d: 255 - _shrunk(d, 10),
+    lambda d: _shrunk(d, 8),  # 8 px, light on dark
+], ids=["tight-dark-ink", "tight-light-ink", "tight-28px", "faint-dark", "faint-light",
+        "scan-8", "scan-12", "tiny-16", "tiny-10", "tiny-8"])
+def test_hard_real_digits_are_read_not_refused(digits, make):
+    """Digits that fill the frame, faint, blurred or a few pixels tall are digits: the
+    background and polarity come from the whole image, not its border."""
+    images, _ = digits
+    scores = [corr(mnist(make(d)), d) for d in images]
+    # Scanned at 8 px, a digit keeps its shape, not its strokes.
+    assert np.median(scores) > (0.6 if "8" in str(make) else 0.75), scores
+
+
+def test_polarity_of_tight_crops_follows_the_strokes(digits):
+    """The same tight crop in both polarities gives the same light-on-dark digit."""
+    for d in digits[0][:6]:
+        crop = _tight(d, 3)
+        assert corr(mnist(crop), mnist(255 - crop)) > 0.97
+
+
+@pytest.mark.parametrize("noise", [
+    np.clip(np.random.default_rng(1).normal(128, 25, (64, 64)), 0, 255),
+    np.clip(np.random.default_rng(2).normal(128, 50, (480, 640)), 0, 255),
+    np.random.default_rng(3).uniform(0, 255, (200, 200)),
+    np.where(np.random.default_rng(4).uniform(size=(200, 200)) < 0.02,
+             np.random.default_rng(5).integers(0, 2, (200, 200)) * 255, 180),
+    np.clip(np.linspace(60, 230, 300)[None, :] + np.random.default_rng(6).normal(0, 8, (200, 300)),
+            0, 255),
+    np.tile(np.linspace(40, 220, 64), (64, 1)),  # a smooth gradient and nothing else
+], ids=["gauss-64", "gauss-photo", "uniform", "salt-and-pepper", "gradient-noise", "gradient"])
+def test_noise_and_gradients_are_blank(noise):
+    """No structure, no digit: pure noise and smooth lighting are refused, however
+    strong the noise."""
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(noise.astype(np.uint8)).save(buf, format=fmt, quality=75)
+        with pytest.raises(VitMqaError, match="no ink found .*blank"):
+            mnist(Image.open(io.BytesIO(buf.getvalue())))
 
 
 def test_fashion_procedure_trims_centres_and_inverts(mnist_test_arrays):

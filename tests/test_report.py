@@ -14,13 +14,13 @@ from PIL import Image
 
 from tests.conftest import run_cli, write_image_folder
 from vit_mqa import cli
-from vit_mqa.config import build_config
+from vit_mqa.recipe import build_config
 from vit_mqa.report import confident_mistakes, sample_indices, write_report
 from vit_mqa.training import train
 
 pytest.importorskip("matplotlib")
 
-FIGURES = {"curves.png", "confusion.png", "per_class.png", "mistakes.png",
+FIGURES = {"curves.png", "confusion.png", "per_class.png", "reliability.png", "mistakes.png",
            "attention_rollout.png", "attention_layers.png"}
 
 
@@ -48,7 +48,7 @@ def test_report_of_a_trained_run(trained_run, data_root, tmp_path):
     result = run_cli("report", str(run), "--data-dir", str(data_root), "--device", "cpu",
                      "--samples", "4", timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "wrote 6 figures" in result.stdout
+    assert "wrote 7 figures" in result.stdout
     page = check_report(run / "report")
     results = json.loads((run / "results.json").read_text())
     # The same test accuracy as the run's own final evaluation.
@@ -86,6 +86,23 @@ def test_sample_choice_is_seeded_and_spans_classes():
     more = sample_indices(labels, 14, seed=0)
     assert len(set(more)) == 14 and set(a) <= set(more)
     assert len(sample_indices(labels[:3], 10)) == 3
+
+
+def test_reliability_figure_shows_both_calibrations():
+    from matplotlib.figure import Figure
+
+    from vit_mqa.report import plot_reliability
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2000, 10, generator=g) * 4
+    labels = torch.multinomial((logits / 2).softmax(dim=1), 1, generator=g).squeeze(1)
+    fig = plot_reliability(Figure, logits, labels, 2.0)
+    top, bottom = fig.axes
+    texts = [t.get_text() for t in top.get_legend().get_texts()]
+    assert texts[0].startswith("as trained: ECE") and texts[1].startswith("temperature 2.00")
+    ece = [float(t.split("ECE ")[1].rstrip(" %")) for t in texts]
+    assert ece[1] < ece[0]  # dividing by the true temperature calibrates
+    assert sum(bottom.lines[0].get_ydata()) >= 2000 - 10
 
 
 def test_confident_mistakes_order():

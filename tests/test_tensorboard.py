@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from vit_mqa import cli
-from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, Split, load_data
+from vit_mqa.recipe import build_config
 from vit_mqa.training import train
 
 pytest.importorskip("tensorboard")

@@ -142,7 +142,7 @@ def test_matmul_peak_and_pipeline_share():
 
 
 def test_training_step_of_the_bench_is_the_trainers(monkeypatch):
-    # The bench times training.training_step, so a change there shows in its figures.
+    # The bench times steps.training_step, so a change there shows in its figures.
     calls = []
     module = bench
     real = module.training_step

@@ -6,12 +6,13 @@ import torch
 from tests.conftest import write_image_folder
 from vit_mqa.augment import AugmentConfig
 from vit_mqa.checkpoint import load_weights
-from vit_mqa.config import build_config
 from vit_mqa.data import DataConfig, Split, load_data
 from vit_mqa.errors import VitMqaError
 from vit_mqa.evaluate import evaluate
 from vit_mqa.model import VisionTransformer, ViTConfig
-from vit_mqa.training import lr_factor, train
+from vit_mqa.optim import lr_factor
+from vit_mqa.recipe import build_config
+from vit_mqa.training import train
 
 TINY = {"dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 2, "batch_size": 32,
         "val_size": 200, "eval_batch_size": 500}
@@ -181,7 +182,7 @@ def test_resume_of_something_else_is_refused(tmp_path):
 @pytest.mark.parametrize("kw", [dict(), dict(pooling="mean", pos_embed="sincos2d")])
 def test_optimizer_skips_weight_decay_on_1d_params_and_the_models_list(kw):
     from vit_mqa.config import TrainConfig
-    from vit_mqa.training import make_optimizer
+    from vit_mqa.optim import make_optimizer
 
     model = VisionTransformer(ViTConfig(depth=2, dim=32, qk_norm=True, **kw))
     optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
@@ -322,7 +323,7 @@ def test_compile_without_a_compiler_falls_back_to_the_eager_result(data_root, tm
 
 def test_layer_decay_gives_each_layer_its_learning_rate_and_freezing_trains_the_head_only():
     from vit_mqa.config import TrainConfig
-    from vit_mqa.training import freeze_backbone, make_optimizer
+    from vit_mqa.optim import freeze_backbone, make_optimizer
 
     model = VisionTransformer(ViTConfig(dim=32, depth=2, num_heads=4))
     cfg = TrainConfig(lr=1.0, layer_decay=0.5)
@@ -475,7 +476,8 @@ def test_time_budget_is_planned_again_from_the_pace_so_far():
 
     from vit_mqa.config import TrainConfig
     from vit_mqa.distributed import DistContext
-    from vit_mqa.training import LRSchedule, _plan_for_budget
+    from vit_mqa.optim import LRSchedule
+    from vit_mqa.training import _plan_for_budget
 
     said = []
     run = SimpleNamespace(train_cfg=TrainConfig(epochs=10, time_budget=100.0),
@@ -493,3 +495,35 @@ def test_time_budget_is_planned_again_from_the_pace_so_far():
     run.progress.step, run.train_cfg.time_budget = 40, 10.0
     _plan_for_budget(run, 40.0, announce=False)  # over budget: never before the current step
     assert run.schedule.total_steps == 40
+
+
+def test_cpu_speedups_only_where_bf16_is_native(tmp_path):
+    import torch
+
+    from vit_mqa.distributed import cpu_has_native_bf16
+    from vit_mqa.steps import cpu_speedups
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    train = {"bf16": False, "compile": False, "cpu_speedups": True}
+    assert cpu_speedups(dict(train), cpu, native_bf16=False) == []
+    assert cpu_speedups(dict(train), cuda, native_bf16=True) == []
+    assert cpu_speedups({**train, "cpu_speedups": False}, cpu, native_bf16=True) == []
+    on = dict(train)
+    assert cpu_speedups(on, cpu, native_bf16=True) == ["bf16", "compile"]
+    assert on["bf16"] and on["compile"]
+    assert cpu_speedups({**train, "bf16": True}, cpu, native_bf16=True) == ["compile"]
+    # The flag comes from the kernel's CPU flags: AMX's, not AVX-512's bf16 instructions.
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    avx = tmp_path / "avx"
+    avx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(str(amx)) and not cpu_has_native_bf16(str(avx))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+def test_a_run_records_whether_the_speedups_were_used(trained_run):
+    from vit_mqa.distributed import cpu_has_native_bf16
+
+    train = json.loads((trained_run / "config.json").read_text())["train"]
+    assert train["cpu_speedups"] is True
+    assert train["bf16"] == train["compile"] == cpu_has_native_bf16()

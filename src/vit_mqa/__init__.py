@@ -24,7 +24,7 @@ _EXPORTS = {
     "VisionTransformer": "model",
     "VitMqaError": "errors",
     "attention_rollout": "explain",
-    "build_config": "config",
+    "build_config": "recipe",
     "convert_kv_heads": "interop",
     "create_model": "factory",
     "export_onnx": "interop",
@@ -45,4 +45,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    # The public names only: not the helpers above, nor submodules once imported.
+    return sorted({*__all__, *(n for n in globals() if n.startswith("__") and n.endswith("__"))})

@@ -29,7 +29,7 @@ _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool,
 
 
 def _duration(text: str) -> float:
-    from .config import parse_duration
+    from .recipe import parse_duration
 
     try:
         return parse_duration(text)
@@ -50,8 +50,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting of every config section, documented by the setting's own
     documentation, showing the default a plain `vit-mqa train` uses (the default preset's)."""
-    from .config import CHOICES, DERIVED_MODEL_FIELDS, SECTIONS, build_config, field_docs
+    from .config import SECTIONS
+    from .config_checks import CHOICES
     from .presets import DEFAULT_PRESET
+    from .recipe import DERIVED_MODEL_FIELDS, build_config, field_docs
 
     defaults = build_config(DEFAULT_PRESET)
     for section, cls in SECTIONS.items():
@@ -107,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vit-mqa {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, title="commands",
                                 metavar="COMMAND")
-    run_dir = {"metavar": "RUN_DIR", "help": "a training run's folder, or a model folder "
-               "(config.json + model.safetensors), or a Hugging Face Hub model id"}
+    run_dir = {"metavar": "RUN_DIR", "help": "a training run's folder, a model folder "
+               "(config.json + model.safetensors), a built-in model (vit-mqa/mnist, "
+               "vit-mqa/fashion-mnist: `vit-mqa models`), or a Hugging Face Hub model id"}
     procedures = ("stretch", "pad", "center-crop", "mnist", "fashion-mnist")
 
     t = sub.add_parser("train", help="train a model; writes a run directory")
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--procedure", choices=procedures,
                    help="override the run's recorded preprocessing (runs saved before it "
                    "was recorded use stretch)")
+    p.add_argument("--min-confidence", type=float, metavar="P", help="flag a prediction "
+                   "whose top probability (calibrated by the run's fitted temperature) is "
+                   "under P as unsure (default: 0.5, more likely wrong than right)")
     p.add_argument("--onnx", metavar="FILE", help="run the network from this ONNX file in "
                    "onnxruntime, e.g. an int8 one from `vit-mqa export --int8` (the run still "
                    "gives the classes and preprocessing)")
@@ -207,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("presets", help="list the named presets")
     _add_json(r, "every preset's settings")
+
+    m = sub.add_parser("models", help="the models built into the package, with their cards")
+    _add_json(m, "the model cards")
     return parser
 
 
@@ -287,8 +296,9 @@ def _weights_name(choice: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import SECTIONS, build_config, field_section
+    from .config import SECTIONS
     from .distributed import launched_by_torchrun
+    from .recipe import build_config, field_section
     from .training import train
 
     own = {"command", "preset", "config", "out", "resume", "init_from", "quiet"}
@@ -370,7 +380,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
     predictor = Predictor(args.run_dir, device=pick_device(args.device),
                           weights=_weights_name(args.weights), procedure=args.procedure,
-                          onnx=args.onnx)
+                          onnx=args.onnx, **({} if args.min_confidence is None else
+                                             {"min_confidence": args.min_confidence}))
     # One unreadable or blank image gets its own error line; the others are still predicted.
     results = predictor.predict(args.paths, top_k=args.top_k, raw=args.raw, errors="record")
     good = [r for r in results if "error" not in r]
@@ -379,7 +390,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         for r in good:
             tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
-            print(f"{r['path']}: {tops}")
+            flag = "  (unsure)" if r["unsure"] else ""
+            print(f"{r['path']}: {tops}{flag}")
     sys.stdout.flush()
     for r in results:
         if "error" in r:
@@ -403,7 +415,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"default": DEFAULT_PRESET, "presets": PRESETS}, indent=2))
         return 0
-    from .config import build_config
+    from .recipe import build_config
 
     rows = [("preset", "dataset", "model", "epochs", "batch", "lr")]
     for name in PRESETS:
@@ -424,6 +436,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .pretrained import BUILTIN_MODELS, card_text, model_card
+
+    if args.json:
+        print(json.dumps({name: model_card(name) for name in BUILTIN_MODELS}, indent=2))
+        return 0
+    print("\n\n".join(card_text(name) for name in BUILTIN_MODELS))
+    print("\nUse a name wherever a run directory goes: vit-mqa predict vit-mqa/mnist "
+          "digit.png, vit-mqa demo vit-mqa/mnist, vit-mqa train --init-from vit-mqa/mnist; "
+          "in Python, VisionTransformer.from_pretrained(\"vit-mqa/mnist\").")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -432,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     commands = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                 "import": cmd_import, "convert": cmd_convert, "export": cmd_export,
-                "presets": cmd_presets, "demo": cmd_demo,
+                "presets": cmd_presets, "models": cmd_models, "demo": cmd_demo,
                 "report": cmd_report}
     # SIGTERM (kill, a job scheduler, a container stop) ends a run as Ctrl-C does: temporary
     # files are removed, the last finished epoch stays resumable, and the exit is one line.

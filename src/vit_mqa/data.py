@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import preprocess as preprocess_images
+from . import images as image_files
 from .checkpoint import atomic_write
 from .config import DataConfig
 from .errors import VitMqaError
@@ -327,7 +327,7 @@ def _read_verified(spec: IdxDatasetSpec, directory: Path) -> dict[str, np.ndarra
 def read_image(path: str | Path, image_size: tuple[int, int], in_channels: int,
                resize: str = "stretch") -> torch.Tensor:
     """Any image file Pillow reads -> uint8 (C, H, W) at image_size (see preprocess)."""
-    return preprocess_images.read_image(path, image_size, in_channels, resize)
+    return image_files.read_image(path, image_size, in_channels, resize)
 
 
 def list_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -370,7 +370,7 @@ def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[i
         raise VitMqaError(f"class folder {root / empty[0]} holds no images; add some, or "
                           "remove the folder")
     if image_size is None or in_channels is None:
-        first = preprocess_images.open_image(files[0][0])
+        first = image_files.open_image(files[0][0])
         size = (first.height, first.width)
         gray = first.mode in ("1", "L", "LA", "I", "F") or first.mode.startswith("I;16")
         image_size = image_size or size
@@ -395,6 +395,18 @@ def _holdout(split: Split, size: int, seed: int, what: str) -> tuple[Split, Spli
     keep, held = order[size:].sort().values, order[:size].sort().values
     return (Split(split.images[keep], split.labels[keep]),
             Split(split.images[held], split.labels[held]))
+
+
+def _with_printed(train: Split, count: int) -> Split:
+    """The training split with ``count`` printed digits appended: the shipped renders
+    repeated in order (every font and digit equally often, the remainder from the first
+    renders). Their position in an epoch comes from the shuffled order, like any image."""
+    from .printed import load_printed_digits
+
+    images, labels = load_printed_digits()
+    take = np.arange(count) % len(labels)
+    return Split(torch.cat([train.images, torch.from_numpy(images[take]).unsqueeze(1)]),
+                 torch.cat([train.labels, torch.from_numpy(labels[take])]))
 
 
 def load_data(config: DataConfig) -> Data:
@@ -443,6 +455,8 @@ def load_data(config: DataConfig) -> Data:
         source = str(root)
     train, val = _holdout(train, config.val_count(len(train)), config.split_seed,
                           "a validation split")
+    if config.printed:
+        train = _with_printed(train, round(config.printed * len(train)))
     in_channels, h, w = train.images.shape[1:]
     preprocess = Preprocess((int(h), int(w)), int(in_channels), mean, std, resize, procedure)
     return Data(train, val, test, classes, preprocess, source)

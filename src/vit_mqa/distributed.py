@@ -60,6 +60,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX): the "amx_bf16"
+    flag of Linux's /proc/cpuinfo. Elsewhere (AVX2, AVX-512, macOS, Windows) False."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
 def init(device_name: str) -> tuple[DistContext, torch.device]:
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA), or stay single-process."""
     if not launched_by_torchrun():

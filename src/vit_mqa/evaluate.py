@@ -75,9 +75,9 @@ def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cp
     """A training run's model (``weights``: a file name in the run) on ``device``, its
     config and its data, checked to have the run's classes. ``data_dir`` overrides where
     the run found its data."""
-    from .config import data_config_from_dict
     from .data import load_data
     from .model import load_model_dir
+    from .recipe import data_config_from_dict
 
     model, config = load_model_dir(run_dir, weights, device)
     if "data" not in config or "preprocess" not in config:

@@ -18,20 +18,37 @@ from .errors import VitMqaError
 from .interop import transfer_weights
 from .model import VisionTransformer, ViTConfig
 from .presets import DEFAULT_PRESET, PRESETS
+from .pretrained import BUILTIN_MODELS, preset_weights
 
 
-def create_model(name_or_preset: str | None = None, pretrained: str | Path | None = None,
+def create_model(name_or_preset: str | None = None,
+                 pretrained: bool | str | Path | None = None,
                  num_classes: int | None = None, image_size: int | tuple[int, int] | None = None,
                  **overrides: Any) -> VisionTransformer:
     """A VisionTransformer built from a preset (e.g. "mnist-fast", "vit-ti").
 
-    ``pretrained``: a model or run directory whose best weights to load; its config
+    ``pretrained=True``: the built-in weights of ``name_or_preset``, a built-in model's
+    name ("vit-mqa/mnist") or the preset that trained it ("mnist-pretrained").
+    ``pretrained`` as a path or name: a model or run directory (or a built-in or Hub
+    model) whose best weights to load; its config
     supplies what the preset does not fix (image size, channels, classes, norm_eps, ...),
     and ``name_or_preset`` may then be None to take its architecture as it is. Without
     it, ``name_or_preset`` defaults to the default preset. ``overrides`` are "model"
     config fields (``dim=96``, ``drop_path=0.1``, ``in_channels=3``, ...). A pretrained
     model is returned in eval mode (as ``from_pretrained``), a new one in train mode.
     """
+    if pretrained is True:
+        if name_or_preset in BUILTIN_MODELS:
+            name_or_preset, pretrained = None, name_or_preset
+        else:
+            pretrained = preset_weights(name_or_preset or DEFAULT_PRESET)
+            if pretrained is None:
+                with_weights = [*BUILTIN_MODELS, *BUILTIN_MODELS.values()]
+                raise VitMqaError(f"{name_or_preset or DEFAULT_PRESET!r} has no built-in "
+                                  f"weights; pretrained=True takes one of "
+                                  f"{', '.join(with_weights)}")
+    elif pretrained is False:
+        pretrained = None
     if name_or_preset is None and pretrained is None:
         name_or_preset = DEFAULT_PRESET
     fields = ViTConfig().to_dict()

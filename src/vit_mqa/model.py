@@ -36,6 +36,7 @@ from .checkpoint import (
 from .config import ViTConfig
 from .errors import VitMqaError
 from .preprocess import Preprocess, run_classes, run_preprocess
+from .pretrained import builtin_dir, is_builtin_name
 
 
 def sincos_2d_position_embedding(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -381,10 +382,15 @@ def _looks_like_repo_id(name: str) -> bool:
 
 def resolve_model_dir(name_or_path: str | Path, weights: str = WEIGHTS_NAME,
                       **hub_options: Any) -> Path:
-    """A local directory as it is; a Hub id ("user/name") that is not a local folder ->
-    the cached snapshot holding its config.json and weights (downloaded if needed)."""
+    """A local directory as it is; a built-in model's name ("vit-mqa/mnist") that is not a
+    local folder -> its directory inside the package; a Hub id ("user/name") -> the cached
+    snapshot holding its config.json and weights (downloaded if needed)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir() or not _looks_like_repo_id(str(name_or_path)):
+    if path.is_dir():
+        return path
+    if is_builtin_name(name_or_path):
+        return builtin_dir(str(name_or_path))
+    if not _looks_like_repo_id(str(name_or_path)):
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .calibration import DEFAULT_MIN_CONFIDENCE, run_temperature
 from .checkpoint import WEIGHTS_NAME
 from .data import list_images
 from .errors import VitMqaError
@@ -40,9 +41,16 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu",
                  weights: str = WEIGHTS_NAME, batch_size: int = 256,
-                 procedure: str | None = None, onnx: str | Path | None = None) -> None:
+                 procedure: str | None = None, onnx: str | Path | None = None,
+                 min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> None:
+        if not 0 <= min_confidence <= 1:
+            raise VitMqaError(f"min_confidence must be in [0, 1], got {min_confidence}")
         self.device = torch.device(device)
         self.model, config = load_model_dir(run_dir, weights, self.device)
+        # Logits are divided by the run's fitted temperature (1 for runs without one), so
+        # that a top probability under min_confidence means "more likely wrong than right".
+        self.temperature = run_temperature(config, Path(str(run_dir)) / "config.json")
+        self.min_confidence = min_confidence
         # ``onnx``: the network runs from this file in onnxruntime (an `export --int8`
         # file, say); the run still gives the classes and the preprocessing.
         self.session = _onnx_session(onnx, self.model) if onnx is not None else None
@@ -90,7 +98,7 @@ class Predictor:
                 out.append(self._onnx_probabilities(chunk))
             else:
                 logits = self.model(self.preprocess(chunk.to(self.device)))
-                out.append(logits.float().softmax(dim=-1).cpu())
+                out.append((logits.float() / self.temperature).softmax(dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def _onnx_probabilities(self, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -100,7 +108,7 @@ class Predictor:
         mean = np.asarray(p.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(p.std, dtype=np.float32).reshape(1, -1, 1, 1)
         x = (images_uint8.numpy().astype(np.float32) / 255 - mean) / std
-        logits = self.session.run(None, {"images": x})[0].astype(np.float64)
+        logits = self.session.run(None, {"images": x})[0].astype(np.float64) / self.temperature
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return torch.from_numpy((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
 
@@ -133,8 +141,10 @@ class Predictor:
         """Top-k classes of each input, best first.
 
         inputs: one image or a list of them; paths may be folders (searched recursively).
-        Each result is {"path": ..., "top": [{"class", "index", "probability"}, ...]}
-        for files, {"input": position, "top": ...} for in-memory images. errors="record"
+        Each result is {"path": ..., "top": [{"class", "index", "probability"}, ...],
+        "unsure": bool} for files, {"input": position, ...} for in-memory images;
+        "unsure" is a top probability (calibrated by the run's temperature) under
+        ``min_confidence``. errors="record"
         turns an unreadable or blank image into {"path"/"input": ..., "error": message}
         instead of raising, so that the other images are still predicted.
         """
@@ -170,6 +180,7 @@ class Predictor:
             for r, vs, ix in zip(ok, values.tolist(), indices.tolist()):
                 r["top"] = [{"class": self.classes[i], "index": int(i), "probability": float(v)}
                             for v, i in zip(vs, ix)]
+                r["unsure"] = vs[0] < self.min_confidence
         return results
 
 

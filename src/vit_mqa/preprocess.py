@@ -1,27 +1,19 @@
-"""Reading images of any kind and making them look like a run's training data.
+"""Making a picture look like a run's training data, before prediction.
 
-Two layers:
-
-* reading (:func:`open_image`, :func:`load_source`, :func:`read_image`): only regular
-  files are opened (a FIFO would block), Pillow's decompression-bomb guard becomes a
-  one-line error, EXIF orientation is applied, and 16-bit and float images are scaled
-  to 8 bits by their real depth rather than clipped;
-* normalisation procedures, recorded in a run's ``config.json`` and applied before
-  prediction: ``"mnist"`` (the LeCun-Cortes-Burges procedure: polarity, background
-  removal, crop to the ink, longer side to 20 px, centre of mass at the centre of
-  28x28), ``"fashion-mnist"`` (Xiao-Rasul-Vollgraf: trim the background, longer side
-  to the full size, centre, invert to light-on-dark), and the plain geometric
-  ``"stretch"``, ``"pad"`` and ``"center-crop"`` of image-folder runs.
+The procedure is recorded in a run's ``config.json``: ``"mnist"`` (the
+LeCun-Cortes-Burges procedure: the ink found by :mod:`vit_mqa.ink`, cropped, its longer
+side to 20 px, its strokes brought to MNIST's width, its centre of mass at the centre of
+28x28), ``"fashion-mnist"`` (Xiao-Rasul-Vollgraf: trim the background, longer side to
+the full size, centre, invert to light-on-dark), and the plain geometric ``"stretch"``,
+``"pad"`` and ``"center-crop"`` of image-folder runs. Files are read by
+:mod:`vit_mqa.images`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
-import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,297 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
-from .config import RESIZES
+from .config_checks import RESIZES
 from .errors import MAX_IMAGE_SIDE, VitMqaError
+from .images import ImageInput, image_to_tensor, load_source
+from .ink import bbox, gray_and_alpha, ink_map, robust_sigma
 
 PROCEDURES = (*RESIZES, "mnist", "fashion-mnist")
-ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
-
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# Above this many pixels on the longer side the ink-finding steps work on a reduced copy:
-# the result is 28x28 anyway, and a 12-megapixel photo would take seconds.
-_WORK_SIDE = 512
-MAX_IMAGE_FILE_BYTES = 256 << 20
-
-
-# ---------------------------------------------------------------- reading
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """A regular image file -> a loaded PIL image, EXIF orientation applied.
-
-    Raises VitMqaError("cannot read image PATH: reason") for anything else, without
-    blocking on FIFOs or devices and without decoding decompression bombs.
-    """
-    def nonblocking(name: str, flags: int) -> int:
-        # Opening a FIFO for reading would otherwise wait for a writer.
-        return os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
-
-    try:
-        f = open(path, "rb", opener=nonblocking)
-    except OSError as e:
-        raise VitMqaError(f"cannot read image {path}: {e.strerror or e}") from None
-    with f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise VitMqaError(f"cannot read image {path}: not a regular file")
-        if info.st_size > MAX_IMAGE_FILE_BYTES:
-            raise VitMqaError(f"cannot read image {path}: {info.st_size:,} bytes is more than "
-                              f"the {MAX_IMAGE_FILE_BYTES:,} an image file may have")
-        # Decoded from memory: a damaged length field then reads past the end of a buffer
-        # the size of the file, where a file object would first allocate what it claims.
-        data = io.BytesIO(f.read())
-        try:
-            with Image.open(data) as img:
-                img.load()
-                return ImageOps.exif_transpose(img)
-        except Image.DecompressionBombError as e:
-            raise VitMqaError(f"cannot read image {path}: too large to decode safely "
-                              f"({e})") from None
-        except UnidentifiedImageError:
-            raise VitMqaError(f"cannot read image {path}: not an image format Pillow "
-                              "reads, or a damaged file") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise VitMqaError(f"cannot read image {path}: {e}") from None
-
-
-def _array_to_image(a: np.ndarray) -> Image.Image:
-    """(H, W), (H, W, 1|3|4) arrays of bool, integer or float pixels -> a PIL image.
-
-    Floats are taken as [0, 1] when their maximum is at most 1, else as [0, 255];
-    uint16 keeps its 16 bits.
-    """
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or 0 in a.shape:
-        raise VitMqaError(f"an image array must be (H, W) or (H, W, 1|3|4), got {a.shape}")
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype == np.uint16 and a.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(a))  # mode "I;16"
-    elif a.dtype == np.uint16:
-        a = (a.astype(np.float32) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.floating):
-        a = np.nan_to_num(a.astype(np.float32))
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0
-        a = (np.clip(a * scale, 0, 255) + 0.5).astype(np.uint8)
-    elif a.dtype != np.uint8:
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(a))  # "L", "RGB" or "RGBA" by shape
-
-
-def load_source(source: ImageInput) -> tuple[Image.Image, str]:
-    """A path, PIL image, numpy array (H, W[, C]) or tensor ([C,] H, W) -> (image, name)."""
-    if isinstance(source, (str, Path)):
-        return open_image(source), str(source)
-    if isinstance(source, Image.Image):
-        try:
-            return ImageOps.exif_transpose(source), "image"
-        except (OSError, ValueError) as e:
-            raise VitMqaError(f"cannot read image: {e}") from None
-    if isinstance(source, torch.Tensor):
-        t = source.detach().cpu()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4):  # torch's channels-first layout
-            t = t.permute(1, 2, 0)
-        return _array_to_image(t.numpy()), "tensor"
-    if isinstance(source, np.ndarray):
-        return _array_to_image(source), "array"
-    raise VitMqaError(f"cannot read an image from a {type(source).__name__}")
-
-
-def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in _ALPHA_MODES or "transparency" in img.info
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit modes -> "L" by their real range (convert("L") would clip them)."""
-    if img.mode.startswith("I;16"):
-        a = np.asarray(img).astype(np.float32) / 65535.0
-    elif img.mode == "I":
-        a = np.asarray(img).astype(np.float64)
-        # Pillow reads some 16-bit files as "I": values above 255 mean a 16-bit range.
-        a = a / (65535.0 if a.max(initial=0) > 255 else 255.0)
-    elif img.mode == "F":
-        a = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        top = a.max(initial=0.0)
-        a = a / (1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0)
-    else:
-        return img
-    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
-
-
-def _resize(img: Image.Image, size: tuple[int, int], resize: str) -> Image.Image:
-    """Geometric fit to (H, W): stretch, fit and pad with black, or fill and crop."""
-    h, w = size
-    if img.size == (w, h):
-        return img
-    if resize == "stretch":
-        return img.resize((w, h), Image.Resampling.BILINEAR)
-    if resize not in RESIZES:
-        raise VitMqaError(f"unknown resize {resize!r}: use one of {', '.join(RESIZES)}")
-    scale = (min if resize == "pad" else max)(w / img.width, h / img.height)
-    nw, nh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-    scaled = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    if resize == "center-crop":
-        left, top = (nw - w) // 2, (nh - h) // 2
-        return scaled.crop((left, top, left + w, top + h))
-    canvas = Image.new(img.mode, (w, h))  # black: zero is the padding of a normalised batch
-    canvas.paste(scaled, ((w - nw) // 2, (h - nh) // 2))
-    return canvas
-
-
-def image_to_tensor(img: Image.Image, image_size: tuple[int, int], in_channels: int,
-                    resize: str = "stretch") -> torch.Tensor:
-    """A PIL image -> uint8 (C, H, W) by a geometric fit; transparency composited on black."""
-    if in_channels not in (1, 3):
-        raise VitMqaError(f"image files give 1 or 3 channels, the model wants {in_channels}")
-    img = to_8bit(img)
-    if _has_alpha(img):
-        # Composite transparency onto black, the background of MNIST-style data.
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img)
-    img = _resize(img.convert("L" if in_channels == 1 else "RGB"), image_size, resize)
-    array = np.asarray(img, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def read_image(path: str | Path, image_size: tuple[int, int], in_channels: int,
-               resize: str = "stretch") -> torch.Tensor:
-    """Any image file Pillow reads -> uint8 (C, H, W) at image_size."""
-    return image_to_tensor(open_image(path), image_size, in_channels, resize)
-
-
-# ---------------------------------------------------------------- ink
-
-
-def _gray_and_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Luminance in [0, 1] at real depth, and alpha in [0, 1] when the image has any."""
-    img = to_8bit(img)
-    alpha = None
-    if _has_alpha(img):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        gray = np.einsum("hwc,c->hw", rgba[..., :3],
-                         np.array([0.299, 0.587, 0.114], dtype=np.float32))
-        alpha = rgba[..., 3]
-    else:
-        gray = np.asarray(img.convert("L") if img.mode != "L" else img,
-                          dtype=np.float32) / 255.0
-    return gray, alpha
-
-
-def _shrink(a: np.ndarray, side: int) -> np.ndarray:
-    h, w = a.shape
-    if max(h, w) <= side:
-        return a
-    s = side / max(h, w)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return np.asarray(Image.fromarray(a.astype(np.float32)).resize(size, Image.Resampling.BOX))
-
-
-def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window (edges replicated), by integral images."""
-    if r < 1:
-        return a
-    p = np.pad(a.astype(np.float64), r, mode="edge")
-    c = np.pad(p.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    k = 2 * r + 1
-    s = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
-    return (s / (k * k)).astype(np.float32)
-
-
-def _robust_sigma(x: np.ndarray) -> float:
-    med = np.median(x)
-    return float(1.4826 * np.median(np.abs(x - med)))
-
-
-def _flatten(gray: np.ndarray) -> tuple[np.ndarray, float]:
-    """Subtract a smooth background (uneven lighting, grey paper): a quadratic surface
-    fitted to the pixels that are not ink, by iterated outlier rejection. Returns the
-    residual and the noise level of the background."""
-    h, w = gray.shape
-    step = max(1, int(np.sqrt(h * w / 10000)))  # a lighting surface needs few samples
-    ys, xs = np.mgrid[0:h:step, 0:w:step]
-    v = gray[::step, ::step].ravel()
-
-    def design(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-        u, t = xx.ravel() / max(w - 1, 1) - 0.5, yy.ravel() / max(h - 1, 1) - 0.5
-        return np.stack([np.ones_like(u), u, t, u * u, u * t, t * t], axis=1)
-
-    a = design(ys, xs)
-    # Start from a flat background (the median) so that a large digit cannot pull the
-    # first surface towards itself; ink is the minority of the pixels.
-    coef = np.zeros(6)
-    coef[0] = np.median(v)
-    sigma = _robust_sigma(v)
-    keep = np.abs(v - coef[0]) < 3.0 * max(sigma, 1.5 / 255)
-    for _ in range(8):
-        if keep.sum() < 12:
-            break
-        # Normal equations with einsum, solved at 6x6: a least-squares call on the whole
-        # sample starts OpenBLAS's threads, which then fight torch's for the cores (the
-        # demo's p95 latency went from 23 ms to 114 ms on 2 cores).
-        sub = a[keep]
-        coef = np.linalg.lstsq(np.einsum("ij,ik->jk", sub, sub),
-                               np.einsum("ij,i->j", sub, v[keep]), rcond=None)[0]
-        res = v - np.einsum("ij,j->i", a, coef)
-        sigma = _robust_sigma(res[keep])
-        new = np.abs(res - np.median(res[keep])) < 3.0 * max(sigma, 1.5 / 255)
-        if np.array_equal(new, keep):
-            break
-        keep = new
-    u = np.arange(w, dtype=np.float64)[None, :] / max(w - 1, 1) - 0.5
-    t = np.arange(h, dtype=np.float64)[:, None] / max(h - 1, 1) - 0.5
-    surface = (coef[0] + coef[1] * u + coef[2] * t + coef[3] * u * u + coef[4] * u * t
-               + coef[5] * t * t)
-    return (gray - surface).astype(np.float32), max(sigma, 1.0 / 255)
-
-
-def ink_map(img: Image.Image) -> np.ndarray:
-    """Ink as light-on-dark float (H, W) in [0, 1], paper texture, lighting and noise
-    removed, grey levels kept inside the strokes. All zero when there is no ink."""
-    gray, alpha = _gray_and_alpha(img)
-    if alpha is not None and (alpha < 0.9).mean() > 0.01:
-        opaque = gray[alpha > 0.5]
-        if opaque.size and (opaque.size >= 0.5 * alpha.size or opaque.std() > 0.15):
-            # An opaque sheet (paper and ink) with transparent margins: margins are paper.
-            paper = float(np.median(opaque))
-            gray = gray * alpha + paper * (1 - alpha)
-        else:
-            # Strokes of one colour on a transparent canvas: the alpha channel is the ink,
-            # whatever colour the strokes were given.
-            gray = alpha
-    gray = _shrink(gray, _WORK_SIDE)
-    residual, sigma = _flatten(gray)
-    # Polarity: ink is the side whose excursions from the background add up to more.
-    over = np.clip(residual - 3 * sigma, 0, None).sum()
-    under = np.clip(-residual - 3 * sigma, 0, None).sum()
-    ink = residual if over >= under else -residual
-    # Find the strokes on a blurred copy (noise averages out, strokes do not), then keep
-    # the unblurred grey levels near them.
-    r = max(1, round(max(gray.shape) / 160))
-    blurred = _box_blur(ink, r)
-    sigma_b = max(_robust_sigma(blurred), 0.5 / 255)
-    peak = float(blurred.max(initial=0.0))
-    if peak < max(6 * sigma_b, 0.06):
-        return np.zeros_like(ink)
-    strokes = blurred > max(5 * sigma_b, 0.25 * peak)
-    near = _box_blur(strokes.astype(np.float32), r) > 0
-    hi = float(np.percentile(ink[strokes], 90))
-    lo = min(max(4 * sigma, 0.2 * hi), 0.5 * hi)
-    return np.clip((ink - lo) / max(hi - lo, 1e-6), 0, 1) * near
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if rows.size == 0:
-        return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def _resize_float(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -381,7 +90,7 @@ def _normalize_strokes(crop: np.ndarray, box: int) -> np.ndarray:
     if steps > 0:
         crop = np.pad(crop, steps)
     changed = _morph(crop, steps)
-    found = _bbox(changed > 0.05)
+    found = bbox(changed > 0.05)
     if found is None:  # eroded away: keep the strokes as drawn
         return crop
     y0, y1, x0, x1 = found
@@ -392,7 +101,7 @@ def mnist_normalize(ink: np.ndarray, image_size: tuple[int, int] = (28, 28),
                     name: str = "image") -> np.ndarray:
     """Ink (H, W) in [0, 1] -> uint8 image_size the MNIST way: crop to the ink, longer
     side to 20/28 of the size keeping the aspect ratio, centre of mass at the centre."""
-    box = _bbox(ink > 0.05)
+    box = bbox(ink > 0.05)
     if box is None:
         raise _blank(name)
     y0, y1, x0, x1 = box
@@ -421,14 +130,14 @@ def fashion_normalize(img: Image.Image, image_size: tuple[int, int] = (28, 28),
                       name: str = "image") -> np.ndarray:
     """The Fashion-MNIST conversion: trim the background, longer side to the full size
     keeping the aspect ratio, centre, grayscale, invert to light-on-dark."""
-    gray, alpha = _gray_and_alpha(img)
+    gray, alpha = gray_and_alpha(img)
     if alpha is not None:  # product shots are on white: transparency is that white
         gray = gray * alpha + (1 - alpha)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = float(np.median(border))
     diff = np.abs(gray - background)
-    noise = max(_robust_sigma(border), 1.0 / 255)
-    box = _bbox(diff > max(4 * noise, 0.04))
+    noise = max(robust_sigma(border), 1.0 / 255)
+    box = bbox(diff > max(4 * noise, 0.04))
     if box is None:
         raise _blank(name)
     y0, y1, x0, x1 = box

@@ -5,6 +5,7 @@ Written to ``RUN/report/``:
     curves.png             loss, accuracy and learning rate per epoch (metrics.jsonl)
     confusion.png          confusion matrix on the test split
     per_class.png          accuracy of each class on the test split
+    reliability.png        accuracy against confidence, as trained and calibrated
     mistakes.png           the most confident wrong predictions
     attention_rollout.png  attention rollout over sample test images
     attention_layers.png   each layer's attention over the same images, and the rollout
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .calibration import reliability, run_temperature
 from .checkpoint import METRICS_NAME, WEIGHTS_NAME, atomic_write, atomic_write_text
 from .data import Split
 from .distributed import pick_device
@@ -202,6 +204,36 @@ def plot_per_class(fig_class: type, report: dict[str, Any], classes: list[str]) 
     ax.set_ylabel("accuracy (%)")
     ax.set_xlabel("true class")
     ax.set_title(f"Per-class accuracy (test; overall {overall:.2f}%, dashed)")
+    return fig
+
+
+def plot_reliability(fig_class: type, logits: torch.Tensor, labels: torch.Tensor,
+                     temperature: float) -> Any:
+    """Reliability diagram of the test split: accuracy against top-1 confidence in ten
+    bins, as trained (softmax of the logits) and calibrated (logits / temperature), with
+    each one's expected calibration error; below, how many images fall in each bin."""
+    raw = reliability(logits.float().softmax(dim=1), labels)
+    calibrated = reliability((logits.float() / temperature).softmax(dim=1), labels)
+    fig = fig_class(figsize=(6.5, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    top.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1)
+    for record, label, color, marker in (
+            (raw, "as trained", "#cc6677", "o"),
+            (calibrated, f"temperature {temperature:.2f}", "#4477aa", "s")):
+        rows = [b for b in record["bins"] if b["count"]]
+        top.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows],
+                 marker=marker, color=color, label=f"{label}: ECE {100 * record['ece']:.2f} %")
+        bottom.plot([(b["low"] + b["high"]) / 2 for b in record["bins"]],
+                    [max(b["count"], 0.5) for b in record["bins"]], marker=marker,
+                    color=color)
+    top.set_ylabel("accuracy in the bin")
+    top.set_title("Reliability (test split): a calibrated model lies on the diagonal")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.02)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("images")
+    bottom.set_xlabel("top-1 probability")
     return fig
 
 
@@ -408,6 +440,7 @@ def write_report(run_dir: str | Path, weights: str = WEIGHTS_NAME,
     def score() -> None:
         result = evaluate(model, split, preprocess, device=device)
         report = classification_report(result["predictions"], split.labels, data.classes)
+        state["logits"] = result["logits"]
         state["figures"] = Figures(run_dir.resolve().name, list(data.classes), split.images,
                                    split.labels, result["logits"].softmax(dim=1),
                                    {**report, "loss": result["loss"]}, metrics)
@@ -432,6 +465,14 @@ def write_report(run_dir: str | Path, weights: str = WEIGHTS_NAME,
          lambda: plot_confusion(fig_class, state["figures"].report, data.classes))
     emit("per_class.png", "Per-class accuracy", "Test split, with the overall accuracy dashed.",
          lambda: plot_per_class(fig_class, state["figures"].report, data.classes))
+    temperature = run_temperature(config, run_dir / "config.json")
+    emit("reliability.png", "Reliability of the confidence",
+         "Test split: accuracy of the predictions in each band of top-1 probability, as "
+         "trained and divided by the temperature fitted on validation images (what "
+         "`vit-mqa predict` reports, and flags as unsure under 50 %). ECE: the expected "
+         "calibration error, the bins' gap to the diagonal weighted by their images.",
+         lambda: plot_reliability(fig_class, state["logits"], state["figures"].labels,
+                                  temperature))
     emit("mistakes.png", "Most confident mistakes",
          "Wrong test predictions with the highest predicted probability.",
          lambda: plot_mistakes(fig_class, state["figures"], mistakes))
