@@ -308,15 +308,18 @@ def test_int8_export_keeps_mnist_accuracy_and_predict_runs_it(trained_run, tmp_p
     from vit_mqa.predict import Predictor
 
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
-    assert run_cli("export", str(trained_run), str(fp32)).returncode == 0
-    result = run_cli("export", str(trained_run), str(int8), "--int8")
+    # The shipped model (99.35 %): a briefly trained one has so many near-ties that int8
+    # rounding flips a few percent of them on some CPUs' kernels.
+    source = "vit-mqa/mnist"
+    assert run_cli("export", source, str(fp32)).returncode == 0
+    result = run_cli("export", source, str(int8), "--int8")
     assert result.returncode == 0, result.stderr
     assert "int8 weights" in result.stdout
     assert int8.stat().st_size < 0.6 * fp32.stat().st_size
     images, labels = mnist_test_arrays
     batch = torch.from_numpy(images.copy()).unsqueeze(1)
-    torch_probs = Predictor(trained_run).probabilities(batch)
-    int8_probs = Predictor(trained_run, onnx=int8).probabilities(batch)
+    torch_probs = Predictor(source).probabilities(batch)
+    int8_probs = Predictor(source, onnx=int8).probabilities(batch)
     truth = torch.from_numpy(labels.astype(np.int64))
     torch_acc = (torch_probs.argmax(1) == truth).float().mean().item()
     int8_acc = (int8_probs.argmax(1) == truth).float().mean().item()

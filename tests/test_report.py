@@ -70,7 +70,7 @@ def test_report_of_a_pooled_rgb_run(tmp_path, stem, pooling, phrase):
     run = tmp_path / "run"
     train(config, run, quiet=True)
     paths = write_report(run, samples=3, mistakes=5, progress=False)
-    assert paths[-1] == run / "report" / "index.html" and len(paths) == 7
+    assert paths[-1] == run / "report" / "index.html" and len(paths) == 8
     page = check_report(run / "report")
     assert phrase in page and "CLS token" not in page and f"{stem} stem" in page
     with Image.open(run / "report" / "attention_rollout.png") as im:
