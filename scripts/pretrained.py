@@ -5,9 +5,12 @@
         --json benchmarks/results/pretrained/mnist-people.json
     python benchmarks/real_digits.py runs/pretrained-mnist --data-dir ../shared/data \\
         --json benchmarks/results/pretrained/mnist-real.json
+    python benchmarks/heldout_check.py runs/pretrained-mnist \\
+        --json benchmarks/results/pretrained/mnist-heldout.json
     python scripts/pretrained.py export mnist runs/pretrained-mnist \\
         --people benchmarks/results/pretrained/mnist-people.json \\
-        --real benchmarks/results/pretrained/mnist-real.json
+        --real benchmarks/results/pretrained/mnist-real.json \\
+        --heldout benchmarks/results/pretrained/mnist-heldout.json
 
 and the same for fashion-mnist (`train fashion-mnist`, `export fashion-mnist RUN`). `train`
 runs the model's preset with seed 0; `export` copies the run's best weights and its
@@ -52,7 +55,7 @@ def train(name: str, data_dir: str | None, out: Path) -> int:
 
 
 def _figures(name: str, results: dict[str, Any], people: Path | None,
-             real: Path | None) -> list[dict[str, Any]]:
+             real: Path | None, heldout: Path | None) -> list[dict[str, Any]]:
     dataset = "MNIST" if name == "mnist" else "Fashion-MNIST"
     figures = [{"what": f"{dataset} test set", "accuracy": results["test_accuracy"],
                 "images": 10000, "command": "vit-mqa eval " + PREFIX + name}]
@@ -73,6 +76,15 @@ def _figures(name: str, results: dict[str, Any], people: Path | None,
                             "accuracy": record["overall"][part],
                             "images": sum(r["total"] for r in styles.values()),
                             "command": record.get("command")})
+    if heldout is not None:
+        record = json.loads(heldout.read_text())
+        figures.append({"what": "held-out check: UCI handwriting (8x8 scans, both polarities) "
+                        "and every installed font's digits, clean and photographed "
+                        "(benchmarks/heldout_check.py)",
+                        "accuracy": record["overall"],
+                        "images": sum(r["total"] for r in record["styles"].values()),
+                        "styles": {s: r["accuracy"] for s, r in record["styles"].items()},
+                        "command": record.get("command")})
     return figures
 
 
@@ -93,7 +105,7 @@ def _predicted_sample(name: str, target: Path, data_dir: str | None) -> dict[str
 
 
 def export(name: str, run_dir: Path, people: Path | None, real: Path | None,
-           data_dir: str | None, shared_cpu: bool) -> int:
+           heldout: Path | None, data_dir: str | None, shared_cpu: bool) -> int:
     results = json.loads((run_dir / "results.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     if config.get("preset") != BUILTIN_MODELS[PREFIX + name] or config["train"]["seed"] != SEED:
@@ -116,14 +128,14 @@ def export(name: str, run_dir: Path, people: Path | None, real: Path | None,
         "cpu": f"{machine['cpu']}, {machine['cores']} cores, "
                f"{'/'.join(machine['cpu_flags']) or 'no AVX'}",
         "train_time_s": results["train_time_s"],
-        "train_time_note": ("trained beside another 1-thread training on the same 2 cores"
+        "train_time_note": ("other work shared the CPU during training"
                             if shared_cpu else "alone on the machine"),
         "epochs": config["train"]["epochs"], "parameters": results["parameters"],
         "size_bytes": weights.stat().st_size, "sha256": file_sha256(weights),
         "temperature": config["calibration"]["temperature"],
-        "figures": [*_figures(name, results, people, real)[:1],
+        "figures": [*_figures(name, results, people, real, heldout)[:1],
                     _predicted_sample(name, target, data_dir),
-                    *_figures(name, results, people, real)[1:]],
+                    *_figures(name, results, people, real, heldout)[1:]],
         "vit_mqa_version": config.get("vit_mqa_version"), "torch": machine.get("torch"),
     }
     atomic_write_text(target / CARD_NAME, json.dumps(card, indent=2) + "\n")
@@ -145,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--people", type=Path, help="benchmarks/people_digits.py --json record")
     e.add_argument("--real", type=Path, help="benchmarks/real_digits.py --json record")
+    e.add_argument("--heldout", type=Path, help="benchmarks/heldout_check.py --json record")
     e.add_argument("--data-dir", help="where the test files are (default: vit-mqa's lookup)")
-    e.add_argument("--shared-cpu", action="store_true", help="the run shared the CPU with "
-                   "another (said so next to its training time)")
+    e.add_argument("--shared-cpu", action="store_true", help="other work shared the CPU "
+                   "during training (said so next to its training time)")
     args = ap.parse_args(argv)
     if args.command == "train":
         return train(args.name, args.data_dir, args.out or Path(f"runs/pretrained-{args.name}"))
-    return export(args.name, args.run_dir, args.people, args.real, args.data_dir,
-                  args.shared_cpu)
+    return export(args.name, args.run_dir, args.people, args.real, args.heldout,
+                  args.data_dir, args.shared_cpu)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,43 @@ def test_hard_real_digits_are_read_not_refused(digits, make):
     assert np.median(scores) > (0.6 if "8" in str(make) else 0.75), scores
 
 
+def test_a_stray_dot_darker_than_the_digit_does_not_make_it_blank(digits):
+    """The strongest ink may be a speck beside the digit (a pen touching the paper): the
+    digit's strokes still count as structure."""
+    images, _ = digits
+    for d in images[:4]:
+        page = np.full((200, 200), 225.0)
+        big = np.asarray(Image.fromarray(d).resize((112, 112)), dtype=np.float64) / 255
+        page[60:172, 70:182] -= 150 * big  # grey strokes
+        page[20:25, 20:25] = 0  # a black dot, darker than any stroke
+        out = mnist(page.astype(np.uint8))
+        assert corr(out, d) > 0.6
+
+
+def test_dot_matrix_digits_and_marks_close_to_the_digit_are_kept(digits):
+    """Only marks far from the digit are dropped as strays: a digit printed in separate
+    dots stays whole, and a small mark beside the strokes stays ink."""
+    from vit_mqa.ink import ink_map
+
+    images, _ = digits
+    for d in images[:4]:
+        big = np.asarray(Image.fromarray(d).resize((112, 112)), dtype=np.float64) / 255
+        grid = np.zeros((112, 112))
+        for y in range(0, 112, 8):
+            for x in range(0, 112, 8):
+                grid[y:y + 5, x:x + 5] = 1
+        page = np.full((160, 160), 225.0)
+        page[24:136, 24:136] -= 200 * (big > 0.3) * grid
+        assert corr(mnist(page.astype(np.uint8)), d) > 0.6
+        page = np.full((200, 200), 225.0)
+        page[60:172, 70:182] -= 150 * big
+        rows, cols = np.nonzero(big > 0.3)
+        right = cols.argmax()  # 6 px right of the digit's rightmost ink
+        y, x = 60 + rows[right] - 2, 70 + cols[right] + 6
+        page[y:y + 5, x:x + 5] = 0
+        assert ink_map(Image.fromarray(page.astype(np.uint8)))[y + 2, x + 2] > 0.5
+
+
 def test_polarity_of_tight_crops_follows_the_strokes(digits):
     """The same tight crop in both polarities gives the same light-on-dark digit."""
     for d in digits[0][:6]:

@@ -14,6 +14,7 @@ from vit_mqa.printed import (
     TRAINING_FAMILIES,
     asset_path,
     font_files,
+    footless_one,
     load_printed_digits,
     render_digits,
     render_printed_digits,
@@ -24,15 +25,46 @@ LAO = Path("/usr/share/fonts/truetype/noto/NotoLoopedLao-Regular.ttf")  # no Lat
 
 
 def test_shipped_renders_are_every_digit_of_training_fonts_only():
-    images, labels = load_printed_digits()
-    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28)
-    counts = np.bincount(labels, minlength=10)
-    assert counts.min() == counts.max() > 20  # every font gives all ten digits
     with np.load(asset_path(), allow_pickle=False) as f:
-        fonts = set(f["fonts"].tolist())
-    assert fonts and all(name.startswith(TRAINING_FAMILIES) for name in fonts)
+        fonts, labels, footless = f["fonts"], f["labels"], f["footless"]
+    assert fonts.size and all(name.startswith(TRAINING_FAMILIES) for name in fonts.tolist())
+    # Every font gives all ten digits once, and at most one footless "1".
+    plain = np.bincount(labels[~footless], minlength=10)
+    assert plain.min() == plain.max() == len(set(fonts.tolist())) > 20
+    assert (labels[footless] == 1).all() and len(set(fonts[footless].tolist())) == footless.sum()
+    assert footless.sum() > 20  # the training fonts' ones stand on feet
+    images, cycle_labels = load_printed_digits()
+    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28)
+    # The cycle training repeats: every digit equally often, footed and footless ones alike.
+    counts = np.bincount(cycle_labels, minlength=10)
+    assert counts.min() == counts.max() == 2 * plain[0]
+    with np.load(asset_path(), allow_pickle=False) as f:
+        cut = {f["images"][i].tobytes() for i in np.flatnonzero(f["footless"])}
+    in_cycle = [image.tobytes() in cut for image in images[cycle_labels == 1]]
+    assert sum(in_cycle) == len(cut) == footless.sum()
     # In MNIST's format: light ink on black, a 20 px box centred in 28 px.
     assert (images[:, :3].max() == 0) and (images.max(axis=(1, 2)) == 255).all()
+
+
+def _ink_width(glyph: np.ndarray, rows: slice) -> int:
+    cols = np.flatnonzero((glyph[rows] > 0.5).any(axis=0))
+    return int(cols[-1] - cols[0] + 1)
+
+
+@pytest.mark.skipif(not DEJAVU.is_file(), reason="DejaVu Sans is not installed")
+def test_the_footless_one_keeps_the_stem_and_flag_and_drops_the_foot():
+    one = render_digits(DEJAVU)[1]
+    cut = footless_one(one)
+    assert cut is not None and cut.shape == one.shape
+    h = one.shape[0]
+    stem = _ink_width(one, slice(h // 2, h // 2 + 1))
+    assert _ink_width(one, slice(h - 2, h)) > 2 * stem  # DejaVu's "1" stands on a foot
+    assert _ink_width(cut, slice(h - 2, h)) <= stem + 2  # only the stem reaches the bottom
+    np.testing.assert_array_equal(cut[: h // 2], one[: h // 2])  # flag and stem untouched
+    # A stroke without a foot (a plain bar) has nothing to cut.
+    bar = np.zeros((60, 12), np.float32)
+    bar[:, 4:8] = 1
+    assert footless_one(bar) is None
 
 
 @pytest.mark.skipif(not DEJAVU.is_file(), reason="DejaVu Sans is not installed")
@@ -44,8 +76,9 @@ def test_a_latin_font_renders_ten_distinct_digits_in_mnist_format(tmp_path):
     glyphs = render_digits(tmp_path / DEJAVU.name)
     assert glyphs is not None and len(glyphs) == 10
     rendered = render_printed_digits([tmp_path / DEJAVU.name])
-    assert rendered["images"].shape == (10, 28, 28)
-    assert rendered["labels"].tolist() == list(range(10))
+    assert rendered["images"].shape == (11, 28, 28)  # ten digits, then the footless "1"
+    assert rendered["labels"].tolist() == [*range(10), 1]
+    assert rendered["footless"].tolist() == [False] * 10 + [True]
     # The "1" is tall and narrow, the "0" wide: the glyphs are the digits, not boxes.
     ink = rendered["images"] > 128
     width = ink.any(axis=1).sum(axis=1)

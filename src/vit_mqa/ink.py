@@ -204,56 +204,119 @@ def _ink(gray: np.ndarray, dark_ink: bool) -> np.ndarray:
     sigma = max(robust_sigma(ink[paper]) if paper.sum() >= 12 else _noise_sigma(gray),
                 1.0 / 255)
     # Find the strokes on a blurred copy (noise averages out, strokes do not), then keep
-    # the unblurred grey levels near them.
-    r = max(1, round(max(gray.shape) / 160))
-    blurred = _box_blur(ink, r)
-    base = float(np.median(blurred[paper])) if paper.sum() >= 12 else 0.0
-    # The blurred noise, from differences of pixels a blur's width apart: independent of
-    # which pixels are paper, and a digit's edges are too few to move their median.
-    k = min(2 * r + 1, min(gray.shape) - 1)
-    sigma_b = max(_noise_sigma(blurred, k), 0.5 / 255)
-    # The strongest point away from the edges, where the blur averages fewer pixels.
-    inner = blurred[r:-r, r:-r] if min(blurred.shape) > 4 * r else blurred
-    peak = float(inner.max(initial=0.0)) - base
-    if peak < max(6 * sigma_b, _MIN_CONTRAST):
+    # the unblurred grey levels near them. Failing that, once more three times as
+    # blurred: a digit printed in separate dots (a receipt, a dot-matrix display) joins
+    # up there, where noise has flattened out further still.
+    r0 = max(1, round(max(gray.shape) / 160))
+    for r in (r0, 3 * r0):
+        strokes = _strokes(ink, paper, r)
+        if strokes is not None:
+            break
+    else:
         return np.zeros_like(ink)
-    strokes = blurred - base > max(5 * sigma_b, 0.25 * peak)
-    # Structure, not specks: the strokes around the strongest point must span more than a
-    # few blur widths (salt-and-pepper noise passes every level test above). Measured on
-    # the strongest half of the ink, which a digit's strokes hold and scattered specks
-    # do not join up in.
-    seed = np.unravel_index(int(np.argmax(inner)), inner.shape)
-    if inner is not blurred:
-        seed = (seed[0] + r, seed[1] + r)
-    core = blurred - base > max(5 * sigma_b, 0.5 * peak)
-    if _extent(core, seed) < max(3 * (2 * r + 1), 0.08 * min(gray.shape)):
-        return np.zeros_like(ink)
+    strokes = _without_strays(strokes)
     near = _box_blur(strokes.astype(np.float32), r) > 0
     hi = float(np.percentile(ink[strokes], 90))
     lo = min(max(4 * sigma, 0.2 * hi), 0.5 * hi)
     return np.clip((ink - lo) / max(hi - lo, 1e-6), 0, 1) * near
 
 
-def _extent(mask: np.ndarray, seed: tuple[int, ...]) -> int:
-    """The longer side, in pixels, of the bounding box of the 8-connected part of
-    ``mask`` that holds ``seed``: grown from the seed by repeated 3x3 dilation inside
-    the mask, on a copy reduced (by maximum) to at most 128 px a side."""
+def _strokes(ink: np.ndarray, paper: np.ndarray, r: int) -> np.ndarray | None:
+    """Where the strokes are, found on ``ink`` blurred over (2r+1)^2 pixels, or None where
+    that shows no structure."""
+    blurred = _box_blur(ink, r)
+    base = float(np.median(blurred[paper])) if paper.sum() >= 12 else 0.0
+    # The blurred noise, from differences of pixels a blur's width apart: independent of
+    # which pixels are paper, and a digit's edges are too few to move their median.
+    k = min(2 * r + 1, min(ink.shape) - 1)
+    sigma_b = max(_noise_sigma(blurred, k), 0.5 / 255)
+    # The strongest point away from the edges, where the blur averages fewer pixels.
+    inner = blurred[r:-r, r:-r] if min(blurred.shape) > 4 * r else blurred
+    peak = float(inner.max(initial=0.0)) - base
+    if peak < max(6 * sigma_b, _MIN_CONTRAST):
+        return None
+    # Structure, not specks: some connected stroke must span more than a few blur widths
+    # (salt-and-pepper noise passes every level test above). Measured on the strongest
+    # half of the ink, which a digit's strokes hold and scattered specks do not join up
+    # in. Any stroke, not the one at the strongest point: that may be a stray dot beside
+    # the digit (a pen touching the paper), which alone would call the image blank.
+    core = blurred - base > max(5 * sigma_b, 0.5 * peak)
+    if _largest_extent(core) < max(3 * (2 * r + 1), 0.08 * min(ink.shape)):
+        return None
+    return blurred - base > max(5 * sigma_b, 0.25 * peak)
+
+
+def _parts(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 8-connected parts of ``mask``, on a copy reduced (by maximum) by a factor f to
+    at most 128 px a side: (labels, f), where a part's pixels share the smallest index
+    among them and the background is labelled h * w. Labels spread by repeated 3x3
+    minimum filters inside the mask until nothing changes."""
     f = max(1, -(-max(mask.shape) // 128))
     h, w = -(-mask.shape[0] // f), -(-mask.shape[1] // f)
     padded = np.zeros((h * f, w * f), dtype=bool)
     padded[:mask.shape[0], :mask.shape[1]] = mask
     small = padded.reshape(h, f, w, f).any(axis=(1, 3))
-    grown = np.zeros_like(small)
-    grown[seed[0] // f, seed[1] // f] = True
-    while True:
-        g = np.pad(grown, 1)
-        dilated = (g[:-2, :-2] | g[:-2, 1:-1] | g[:-2, 2:] | g[1:-1, :-2] | g[1:-1, 1:-1]
-                   | g[1:-1, 2:] | g[2:, :-2] | g[2:, 1:-1] | g[2:, 2:]) & small
-        if np.array_equal(dilated, grown):
+    none = h * w
+    labels = np.where(small, np.arange(h * w).reshape(h, w), none)
+    while small.any():
+        p = np.pad(labels, 1, constant_values=none)
+        spread = np.minimum.reduce([p[dy:dy + h, dx:dx + w]
+                                    for dy in range(3) for dx in range(3)])
+        spread = np.where(small, spread, none)
+        if np.array_equal(spread, labels):
             break
-        grown = dilated
-    box = bbox(grown)
-    return 0 if box is None else f * max(box[1] - box[0], box[3] - box[2])
+        labels = spread
+    return labels, f
+
+
+def _part_sides(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each part's label, pixel count and longer bounding-box side (reduced pixels)."""
+    rows, cols = np.nonzero(labels < labels.size)
+    ids, part, counts = np.unique(labels[rows, cols], return_inverse=True, return_counts=True)
+    sides = []
+    for coord in (rows, cols):
+        low = np.full(ids.size, labels.size)
+        high = np.full(ids.size, -1)
+        np.minimum.at(low, part, coord)
+        np.maximum.at(high, part, coord)
+        sides.append(high - low + 1)
+    return ids, counts, np.maximum(*sides)
+
+
+def _largest_extent(mask: np.ndarray) -> int:
+    """The longer side, in pixels, of the bounding box of the largest 8-connected part of
+    ``mask`` (measured at the reduced size of ``_parts``)."""
+    labels, f = _parts(mask)
+    sides = _part_sides(labels)[2]
+    return f * int(sides.max()) if sides.size else 0
+
+
+# Stray marks: a part with under 10 % of the strokes' pixels, farther than a fifth of the
+# largest part's extent from any other part. At most this many small parts are weighed;
+# ink in more pieces than that (dot-matrix print, broken strokes) is kept as it is.
+_STRAY_SHARE, _STRAY_DISTANCE, _MAX_SMALL_PARTS = 0.1, 0.2, 24
+
+
+def _without_strays(strokes: np.ndarray) -> np.ndarray:
+    """``strokes`` without stray marks (a dot where the pen touched the paper, a speck of
+    dust): the MNIST procedure crops to all the ink, and one speck far from the digit
+    would shrink the digit into a corner."""
+    labels, f = _parts(strokes)
+    ids, counts, sides = _part_sides(labels)
+    small = ids[(counts < _STRAY_SHARE * counts.sum()) & (counts < counts.max())]
+    if ids.size < 2 or small.size == 0 or small.size > _MAX_SMALL_PARTS:
+        return strokes
+    reach = max(1, round(_STRAY_DISTANCE * int(sides.max())))
+    stray = np.zeros(labels.shape, dtype=bool)
+    for part in small:
+        this = labels == part
+        others = (labels < labels.size) & ~this
+        if not (_box_blur(this.astype(np.float32), reach) > 0)[others].any():
+            stray |= this
+    if not stray.any():
+        return strokes
+    full = np.repeat(np.repeat(stray, f, axis=0), f, axis=1)[:strokes.shape[0], :strokes.shape[1]]
+    return strokes & ~full
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
