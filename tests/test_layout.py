@@ -11,10 +11,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vit_mqa"
 # Lowest first: a module may import only modules before it.
 LAYERS = ["_version", "errors", "pretrained", "presets", "config_checks", "config", "recipe",
-          "attention", "checkpoint", "images", "ink", "preprocess", "printed", "model",
-          "augment", "data", "distributed", "evaluate", "calibration", "explain",
-          "tensorboard_log", "interop", "factory", "predict", "optim", "steps", "run_state",
-          "run_setup", "training", "report", "demo", "cli", "__main__"]
+          "attention", "checkpoint", "images", "ink", "preprocess", "printed", "model_io",
+          "model", "distill", "augment", "data", "distributed", "evaluate", "calibration",
+          "explain", "tensorboard_log", "interop", "factory", "predict", "optim", "steps",
+          "run_state",
+          "run_setup", "training", "figures", "report", "demo", "cli_parser", "cli_commands",
+          "cli", "__main__"]
 
 
 def package_imports(path: Path) -> set[str]:

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import VitMqaError
+from .errors import VitMqaError, read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -257,10 +257,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise VitMqaError(f"{directory} is not a directory")
     if not path.is_file():
         raise VitMqaError(f"{directory} is not a vit-mqa run directory (no {CONFIG_NAME})")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VitMqaError(f"cannot parse {path}: {e}") from None
+    config = read_json(path, f"cannot parse {path}")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise VitMqaError(f"{path} has no \"model\" section: not a vit-mqa config")
     return config

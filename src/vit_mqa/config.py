@@ -310,6 +310,20 @@ class TrainConfig:
     """Exponential moving average of the weights, updated every step (0 = off; 0.998
     averages about the last 500 steps); validation, model selection, the saved weights
     and the test score then use the average."""
+    teacher: str = ""
+    """Knowledge distillation (Hinton et al. 2015; DeiT, Touvron et al. 2021): a trained
+    model (a run directory, a model folder or a built-in name; several, separated by
+    commas, are averaged) whose predictions on each augmented batch the model also learns
+    from; "" = off. It must take the same images and name the same classes."""
+    distill: str = "soft"
+    """What the teacher gives: "soft" its probabilities at distill_temperature, "hard" its
+    top class (DeiT's hard distillation)."""
+    distill_weight: float = 0.5
+    """Share of the loss that comes from the teacher; the rest is the usual loss on the
+    labels."""
+    distill_temperature: float = 2.0
+    """Temperature of both sides' softmax in soft distillation (the loss is scaled by its
+    square, so that its gradients keep their size)."""
     tensorboard: bool = False
     """Also log scalars to RUN/tensorboard/ (needs tensorboard)."""
     freeze_backbone: bool = False

@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "resize": RESIZES,
     "init_normalization": ("source", "data"),
     "select": ("best", "last"),
+    "distill": ("soft", "hard"),
 }
 
 
@@ -188,3 +189,12 @@ def check_train(c: Any) -> None:
     if not 0 < c.layer_decay <= 1:
         raise VitMqaError(f"layer_decay must be in (0, 1], got {c.layer_decay}")
     _check_choice("train", "init_normalization", c.init_normalization)
+    _check_choice("train", "distill", c.distill)
+    if not 0 <= c.distill_weight <= 1:
+        raise VitMqaError(f"distill_weight must be in [0, 1], got {c.distill_weight}")
+    if not 0.1 <= c.distill_temperature <= 100:
+        raise VitMqaError(f"distill_temperature must be in [0.1, 100], got "
+                          f"{c.distill_temperature}")
+    if c.teacher and not all(name.strip() for name in c.teacher.split(",")):
+        raise VitMqaError(f"teacher {c.teacher!r} names an empty model; separate several "
+                          "with single commas")

@@ -1,8 +1,9 @@
-"""The one exception type that user-facing code raises for bad input, and the checks
-shared by every config."""
+"""The one exception type that user-facing code raises for bad input, the checks
+shared by every config, and reading a JSON file with a one-line error."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 # The largest image side any config or image may ask for: a run directory or an image is
@@ -64,3 +65,14 @@ def dataclass_from_dict(cls: type, d: object, what: str) -> Any:
     if unknown:
         raise VitMqaError(f"unknown {what} setting(s): {', '.join(unknown)}")
     return cls(**d)
+
+
+def read_json(path: Path, failure: str) -> Any:
+    """The JSON value in the file ``path``; a file that cannot be read, decoded or parsed
+    is a VitMqaError "``failure``: the reason" (the reason's first line)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VitMqaError(f"{failure}: {str(e).splitlines()[0]}") from None

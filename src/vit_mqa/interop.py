@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import math
 import pickle
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import describe_mismatch
-from .errors import VitMqaError
+from .errors import VitMqaError, read_json
 from .model import VisionTransformer, ViTConfig
 
 # ---------------------------------------------------------------- position embeddings
@@ -280,10 +279,7 @@ def load_external(source: str | Path, num_heads: int | None = None
         cfg_path = source / "config.json"
         if not cfg_path.is_file():
             raise VitMqaError(f"{source} has no config.json: not a Hugging Face model directory")
-        try:
-            hf = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VitMqaError(f"cannot parse {cfg_path}: {str(e).splitlines()[0]}") from None
+        hf = read_json(cfg_path, f"cannot parse {cfg_path}")
         if not isinstance(hf, dict):
             raise VitMqaError(f"{cfg_path} must hold a JSON object, got {type(hf).__name__}")
         if "model" in hf and "vit_mqa_version" in hf:

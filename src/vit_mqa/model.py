@@ -1,42 +1,33 @@
 """Vision Transformer with multi-query / grouped-query attention.
 
 Read top to bottom: position embeddings, the three stems (patch embedding, strided
-convolutions, convolutions with max-pooling), encoder block, the model. As in timm,
-``forward_features`` returns normalised tokens, ``forward_head`` pools and classifies,
-``get_intermediate_layers`` returns chosen blocks' outputs, and ``reset_classifier`` /
-``no_weight_decay`` serve fine-tuning; ``attention_maps`` computes the per-layer attention
-probabilities on request. ``save_pretrained`` / ``from_pretrained`` read and write a
-directory of ``config.json`` + ``model.safetensors`` (as in Hugging Face).
+convolutions, convolutions with max-pooling), encoder block, initialisation, input and
+output checks, the model. As in timm, ``forward_features`` returns normalised tokens,
+``forward_head`` pools and classifies, and ``get_intermediate_layers`` returns chosen
+blocks' outputs; ``attention_maps`` computes the per-layer attention probabilities on
+request. Reading and writing model folders (``save_pretrained`` / ``from_pretrained``:
+``config.json`` + ``model.safetensors``, as in Hugging Face) and the fine-tuning helpers
+``reset_classifier`` / ``no_weight_decay`` come from :mod:`vit_mqa.model_io`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .attention import GroupedQueryAttention
-from .checkpoint import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_weights_file,
-    load_weights,
-    read_config,
-    read_weights_header,
-    save_weights,
-    write_json,
-)
+from .checkpoint import WEIGHTS_NAME
 from .config import ViTConfig
 from .errors import VitMqaError
-from .preprocess import Preprocess, run_classes, run_preprocess
-from .pretrained import builtin_dir, is_builtin_name
+from .model_io import PretrainedMixin, load_model
+from .model_io import resolve_model_dir as resolve_model_dir  # importable from here too
+from .model_io import save_model_dir as save_model_dir  # importable from here too
+from .preprocess import Preprocess
 
 
 def sincos_2d_position_embedding(grid: tuple[int, int], dim: int) -> torch.Tensor:
@@ -172,14 +163,89 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", license="mit",
+def init_layer(m: nn.Module) -> None:
+    """Initialise one layer of the model (its own parameters, not its children's)."""
+    # Xavier-uniform projections, as in the original (JAX) ViT, rather than timm's
+    # trunc-normal(0.02). No recorded run compares the two; the recorded ablations are
+    # in docs/benchmarks.md, "Ablation: mnist-3min, one change at a time".
+    if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+        # The convolutional stems' layers feed ReLUs (He et al. 2015).
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(m, nn.BatchNorm2d):
+        m.reset_parameters()
+    elif isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def init_head(head: nn.Linear) -> None:
+    """A new head: truncated-normal (std 0.02) weights, zero bias."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
+def init_weights(model: VisionTransformer) -> None:
+    """Initialise every parameter of ``model``: each layer by ``init_layer``, then the
+    position embeddings, the CLS token and the head."""
+    if model.head.weight.is_meta:
+        # A shape-only skeleton (load_model_dir's check): nothing to initialise, and
+        # initialisers under the meta device would import torch's compiler (1.7 s).
+        return
+    for m in model.modules():
+        init_layer(m)
+    if isinstance(model.pos_embed, nn.Parameter):
+        nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    if model.cls_token is not None:
+        nn.init.normal_(model.cls_token, std=1e-6)
+    model._init_head()
+
+
+def chosen_blocks(n: int | Sequence[int], depth: int) -> set[int]:
+    """The blocks ``get_intermediate_layers`` returns (timm's semantics): an int takes the
+    last ``n`` blocks; a sequence takes those block indices (negative ones count from the
+    end)."""
+    if isinstance(n, int) and not isinstance(n, bool):
+        if not 1 <= n <= depth:
+            raise VitMqaError(f"n must be 1 to {depth} (the model's depth), got {n}")
+        return set(range(depth - n, depth))
+    if not n or not all(isinstance(i, int) and -depth <= i < depth for i in n):
+        raise VitMqaError(f"block indices must be ints in [-{depth}, {depth}), got {n!r}")
+    return {i % depth for i in n}
+
+
+def split_prefix(tokens: torch.Tensor, prefix: int, grid: tuple[int, int] | None,
+                 with_prefix: bool) -> Any:
+    """A block's output (B, prefix + patches, dim) as ``get_intermediate_layers`` returns
+    it: the patch tokens (B, patches, dim), as (B, dim, grid_h, grid_w) given ``grid``; with
+    ``with_prefix``, the pair (patch tokens, prefix tokens (B, prefix, dim))."""
+    patches = tokens[:, prefix:]
+    if grid is not None:
+        patches = patches.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
+    return (patches, tokens[:, :prefix]) if with_prefix else patches
+
+
+def check_images(x: torch.Tensor, config: ViTConfig) -> None:
+    """A clear error for anything but a batch of the model's images (B, C, H, W)."""
+    c = config
+    if x.ndim != 4 or x.shape[1] != c.in_channels or tuple(x.shape[2:]) != c.image_size:
+        raise VitMqaError(
+            f"expected images of shape (B, {c.in_channels}, {c.image_size[0]}, "
+            f"{c.image_size[1]}), got {tuple(x.shape)}"
+        )
+
+
+class VisionTransformer(nn.Module, PretrainedMixin, library_name="vit-mqa", license="mit",
                         pipeline_tag="image-classification",
                         tags=["vision-transformer", "multi-query-attention"]):
     """A ViT whose attention has ``num_kv_heads`` shared key/value heads.
 
     ``preprocess`` turns images into this model's input (a loaded model has its run's
     normalisation; a new one scales pixels to [-1, 1]) and ``classes`` names its outputs.
-    ModelHubMixin adds ``save_pretrained`` and ``push_to_hub``.
+    ``PretrainedMixin`` adds loading, saving and the fine-tuning helpers (model_io).
     """
 
     def __init__(self, config: ViTConfig) -> None:
@@ -209,61 +275,14 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.head.weight.is_meta:
-            # A shape-only skeleton (load_model_dir's check): nothing to initialise, and
-            # initialisers under the meta device would import torch's compiler (1.7 s).
-            return
-        # Xavier-uniform projections, as in the original (JAX) ViT, rather than timm's
-        # trunc-normal(0.02). No recorded run compares the two; the recorded ablations are
-        # in docs/benchmarks.md, "Ablation: mnist-3min, one change at a time".
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-                # The convolutional stems' layers feed ReLUs (He et al. 2015).
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()
-            elif isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        self._init_head()
+        init_weights(self)
 
-    def _init_head(self) -> None:
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for ``num_classes`` classes
-        (and record it in ``config``), e.g. to fine-tune on another label set."""
-        # Validated as a config would be (type, >= 1, parameter limit) before allocating.
-        dataclasses.replace(self.config, num_classes=num_classes)
-        old = self.head.weight
-        self.head = nn.Linear(self.config.dim, num_classes, device=old.device, dtype=old.dtype)
-        self._init_head()
-        self.config.num_classes = num_classes
-        self.classes = [str(i) for i in range(num_classes)]
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of the parameters to train without weight decay besides the 1-D ones
-        (biases, norms), as in timm."""
-        names = {"pos_embed", "cls_token"}
-        return {name for name, _ in self.named_parameters() if name in names}
+    def _init_head(self) -> None:  # also for reset_classifier (PretrainedMixin)
+        init_head(self.head)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the first block's input tokens (B, prefix + patches, dim)."""
-        c = self.config
-        if x.ndim != 4 or x.shape[1] != c.in_channels or tuple(x.shape[2:]) != c.image_size:
-            raise VitMqaError(
-                f"expected images of shape (B, {c.in_channels}, {c.image_size[0]}, "
-                f"{c.image_size[1]}), got {tuple(x.shape)}"
-            )
+        check_images(x, self.config)
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -311,30 +330,16 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         first, ``reshape`` gives (B, dim, grid_h, grid_w), and ``return_prefix_tokens``
         makes each item a pair (patch tokens, prefix tokens (B, prefix, dim)).
         """
-        depth = len(self.blocks)
-        if isinstance(n, int) and not isinstance(n, bool):
-            if not 1 <= n <= depth:
-                raise VitMqaError(f"n must be 1 to {depth} (the model's depth), got {n}")
-            take = set(range(depth - n, depth))
-        else:
-            if not n or not all(isinstance(i, int) and -depth <= i < depth for i in n):
-                raise VitMqaError(f"block indices must be ints in [-{depth}, {depth}), got {n!r}")
-            take = {i % depth for i in n}
+        take = chosen_blocks(n, len(self.blocks))
         x = self._embed(x)
         outputs = []
         for i, block in enumerate(self.blocks[:max(take) + 1]):  # later blocks are not needed
             x = block(x)
             if i in take:
                 outputs.append(self.norm(x) if norm else x)
-        prefix = self.config.num_prefix_tokens
-        results: list[Any] = []
-        for out in outputs:
-            patches = out[:, prefix:]
-            if reshape:
-                gh, gw = self.config.grid_size
-                patches = patches.reshape(out.shape[0], gh, gw, -1).permute(0, 3, 1, 2)
-            results.append((patches, out[:, :prefix]) if return_prefix_tokens else patches)
-        return tuple(results)
+        grid = self.config.grid_size if reshape else None
+        return tuple(split_prefix(out, self.config.num_prefix_tokens, grid, return_prefix_tokens)
+                     for out in outputs)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -352,68 +357,6 @@ class VisionTransformer(nn.Module, ModelHubMixin, library_name="vit-mqa", licens
         finally:
             self.train(was_training)
 
-    # ----- Hugging Face-style directories: config.json + model.safetensors -----
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        # Called by ModelHubMixin.save_pretrained / push_to_hub, which add a model card.
-        save_model_dir(self, save_directory)
-
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls, pretrained_model_name_or_path: str | Path, *, weights: str = WEIGHTS_NAME,
-        map_location: str | torch.device = "cpu", revision: str | None = None,
-        cache_dir: str | Path | None = None, force_download: bool = False,
-        local_files_only: bool = False, token: str | bool | None = None,
-    ) -> VisionTransformer:
-        """A model directory or run (``save_pretrained``, ``vit-mqa train``), or a model
-        on the Hugging Face Hub ("user/name", downloaded into the Hub's cache and read
-        from there when offline), in eval mode with its ``preprocess`` and ``classes``."""
-        return load_model_dir(pretrained_model_name_or_path, weights, map_location,
-                              revision=revision, cache_dir=cache_dir,
-                              force_download=force_download,
-                              local_files_only=local_files_only, token=token)[0]
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
-            and all(c.isalnum() or c in "-_." for part in parts for c in part))
-
-
-def resolve_model_dir(name_or_path: str | Path, weights: str = WEIGHTS_NAME,
-                      **hub_options: Any) -> Path:
-    """A local directory as it is; a built-in model's name ("vit-mqa/mnist") that is not a
-    local folder -> its directory inside the package; a Hub id ("user/name") -> the cached
-    snapshot holding its config.json and weights (downloaded if needed)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if is_builtin_name(name_or_path):
-        return builtin_dir(str(name_or_path))
-    if not _looks_like_repo_id(str(name_or_path)):
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, weights],
-                                      **hub_options))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VitMqaError(f"{name_or_path} is not a local directory, and the Hugging Face "
-                          f"Hub model of that name could not be fetched ({reason})") from None
-
-
-def save_model_dir(model: VisionTransformer, directory: str | Path,
-                   extra_config: dict[str, Any] | None = None) -> None:
-    """config.json (architecture, preprocessing, class names, ``extra_config``) and
-    model.safetensors, each written atomically."""
-    directory = Path(directory)
-    config = {"model": model.config.to_dict(), "preprocess": model.preprocess.to_dict(),
-              "classes": list(model.classes), **(extra_config or {})}
-    save_weights(model, directory / WEIGHTS_NAME)
-    write_json(directory / CONFIG_NAME, config)
-
 
 def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
                    map_location: str | torch.device = "cpu", **hub_options: Any
@@ -421,32 +364,7 @@ def load_model_dir(directory: str | Path, weights: str = WEIGHTS_NAME,
     """(model in eval mode, full config dict) from a run or model directory, or a Hub
     model id (``hub_options`` go to ``huggingface_hub.snapshot_download``). The model
     carries the run's ``preprocess`` and ``classes``."""
-    directory = resolve_model_dir(directory, weights, **hub_options)
-    config = read_config(directory)
-    path = Path(directory) / CONFIG_NAME
-    try:
-        model_config = ViTConfig.from_dict(config["model"])
-    except TypeError as e:
-        raise VitMqaError(f"{path}: malformed model config ({e})") from None
-    except VitMqaError as e:
-        raise VitMqaError(f"{path}: {e}") from None
-    preprocess = run_preprocess(config, model_config.image_size, model_config.in_channels, path)
-    classes = run_classes(config, model_config.num_classes, path)
-    path = Path(directory) / weights
-    stored = sum(math.prod(shape) for shape, _ in read_weights_header(path).values())
-    wanted = model_config.num_parameters()
-    # A config.json that asks for far more than the weights file holds (which safetensors
-    # bounds by the file's size) fails before the model is built, so that a downloaded
-    # directory cannot make the loader allocate without limit. (Cheaper than a skeleton on
-    # the meta device, whose first use imports 0.4 s of torch.)
-    if wanted > 2 * stored + (1 << 20):
-        raise VitMqaError(f"weights {path} do not match the model config: the file holds "
-                          f"{stored:,} values, the config asks for {wanted:,}")
-    model = VisionTransformer(model_config)
-    check_weights_file(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    load_weights(model, path, map_location)
-    model.preprocess, model.classes = preprocess, classes
-    return model.to(map_location).eval(), config
+    return load_model(VisionTransformer, directory, weights, map_location, **hub_options)
 
 
 def count_parameters(model: nn.Module) -> int:

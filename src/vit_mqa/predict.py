@@ -8,7 +8,7 @@ they did in training ("stretch", "pad", "center-crop"). See :mod:`vit_mqa.prepro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .checkpoint import WEIGHTS_NAME
 from .data import list_images
 from .errors import VitMqaError
 from .model import load_model_dir
-from .preprocess import PROCEDURES, ImageInput, prepare
+from .preprocess import ImageInput, Preprocess, check_procedure, prepare
 
 _SINGLE = (str, Path, Image.Image, np.ndarray, torch.Tensor)
 
@@ -57,10 +57,7 @@ class Predictor:
         self.preprocess = self.model.preprocess
         if procedure is not None:
             self.preprocess.procedure = procedure
-        if self.preprocess.procedure not in PROCEDURES:
-            raise VitMqaError(f"unknown preprocessing procedure "
-                              f"{self.preprocess.procedure!r}: use one of "
-                              f"{', '.join(PROCEDURES)}")
+        check_procedure(self.preprocess.procedure)
         self.classes: list[str] = self.model.classes
         self.batch_size = batch_size
 
@@ -95,34 +92,17 @@ class Predictor:
         for start in range(0, images_uint8.shape[0], self.batch_size):
             chunk = images_uint8[start:start + self.batch_size]
             if self.session is not None:
-                out.append(self._onnx_probabilities(chunk))
+                out.append(onnx_probabilities(self.session, chunk, self.preprocess,
+                                              self.temperature))
             else:
                 logits = self.model(self.preprocess(chunk.to(self.device)))
                 out.append((logits.float() / self.temperature).softmax(dim=-1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
-    def _onnx_probabilities(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        # All in numpy: a torch operation between onnxruntime calls leaves torch's threads
-        # spinning while onnxruntime works, which halved its throughput on 2 cores.
-        p = self.preprocess
-        mean = np.asarray(p.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(p.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        x = (images_uint8.numpy().astype(np.float32) / 255 - mean) / std
-        logits = self.session.run(None, {"images": x})[0].astype(np.float64) / self.temperature
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return torch.from_numpy((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
-
     def evaluate_folder(self, root: str | Path, raw: bool = False) -> dict[str, Any]:
         """Accuracy on a folder of images laid out root/<class name>/..., after the run's
         procedure (or raw). Unreadable or blank images count as wrong and are listed."""
-        root = Path(root)
-        if not root.is_dir():
-            raise VitMqaError(f"image folder {root} does not exist")
-        unknown = sorted(d.name for d in root.iterdir()
-                         if d.is_dir() and d.name not in self.classes)
-        if unknown:
-            raise VitMqaError(f"{root}: folders {unknown} are not classes of the run "
-                              f"({', '.join(self.classes)})")
+        root = check_class_folders(root, self.classes)
         correct, total, failed = 0, 0, []
         for index, name in enumerate(self.classes):
             if not (root / name).is_dir() or not list_images([root / name]):
@@ -150,38 +130,69 @@ class Predictor:
         """
         if errors not in ("raise", "record"):
             raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
-        items = [inputs] if isinstance(inputs, _SINGLE) else list(inputs)
-        keyed: list[tuple[dict[str, Any], ImageInput]] = []
-        for n, item in enumerate(items):
-            if isinstance(item, (str, Path)):
-                found = list_images([item])
-                if not found and Path(item).is_dir():
-                    raise VitMqaError(f"no image files found in {item}")
-                keyed.extend(({"path": str(f)}, f) for f in found)
-            else:
-                keyed.append(({"input": n}, item))
-        if not keyed:
-            raise VitMqaError("no images given")
-        results: list[dict[str, Any]] = []
-        tensors: list[torch.Tensor] = []
-        for key, item in keyed:
-            try:
-                tensors.append(self.prepare(item, raw))
-                results.append(dict(key))
-            except VitMqaError as e:
-                if errors == "raise":
-                    raise
-                results.append({**key, "error": str(e)})
+        results, tensors = prepare_inputs(inputs, lambda item: self.prepare(item, raw), errors)
         ok = [r for r in results if "error" not in r]
         if tensors:
             probs = self.probabilities(torch.stack(tensors))
-            k = max(1, min(top_k, len(self.classes)))
-            values, indices = probs.topk(k, dim=-1)
-            for r, vs, ix in zip(ok, values.tolist(), indices.tolist()):
-                r["top"] = [{"class": self.classes[i], "index": int(i), "probability": float(v)}
-                            for v, i in zip(vs, ix)]
-                r["unsure"] = vs[0] < self.min_confidence
+            add_top_k(ok, probs, self.classes, top_k, self.min_confidence)
         return results
+
+
+def prepare_inputs(inputs: ImageInput | Sequence[ImageInput],
+                   prepare_one: Callable[[ImageInput], torch.Tensor], errors: str
+                   ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    """(the start of each image's result, the prepared images) for ``inputs``, one image
+    or a list of them; paths may be folders (searched recursively). A result starts as
+    {"path": file} for files, {"input": position} for in-memory images; with
+    errors="record", an image that ``prepare_one`` cannot prepare (VitMqaError) gets
+    "error": message and no tensor, instead of raising."""
+    items = [inputs] if isinstance(inputs, _SINGLE) else list(inputs)
+    keyed: list[tuple[dict[str, Any], ImageInput]] = []
+    for n, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            found = list_images([item])
+            if not found and Path(item).is_dir():
+                raise VitMqaError(f"no image files found in {item}")
+            keyed.extend(({"path": str(f)}, f) for f in found)
+        else:
+            keyed.append(({"input": n}, item))
+    if not keyed:
+        raise VitMqaError("no images given")
+    results: list[dict[str, Any]] = []
+    tensors: list[torch.Tensor] = []
+    for key, item in keyed:
+        try:
+            tensors.append(prepare_one(item))
+            results.append(dict(key))
+        except VitMqaError as e:
+            if errors == "raise":
+                raise
+            results.append({**key, "error": str(e)})
+    return results, tensors
+
+
+def add_top_k(results: list[dict[str, Any]], probabilities: torch.Tensor, classes: list[str],
+              top_k: int, min_confidence: float) -> None:
+    """Fill each result's "top" (the ``top_k`` likeliest classes, best first) and "unsure"
+    (a top probability under ``min_confidence``) from its row of ``probabilities``."""
+    k = max(1, min(top_k, len(classes)))
+    values, indices = probabilities.topk(k, dim=-1)
+    for r, vs, ix in zip(results, values.tolist(), indices.tolist()):
+        r["top"] = [{"class": classes[i], "index": int(i), "probability": float(v)}
+                    for v, i in zip(vs, ix)]
+        r["unsure"] = vs[0] < min_confidence
+
+
+def check_class_folders(root: str | Path, classes: list[str]) -> Path:
+    """``root`` as a Path, checked to be a folder whose sub-folders are all class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VitMqaError(f"image folder {root} does not exist")
+    unknown = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in classes)
+    if unknown:
+        raise VitMqaError(f"{root}: folders {unknown} are not classes of the run "
+                          f"({', '.join(classes)})")
+    return root
 
 
 def _onnx_session(path: str | Path, model: torch.nn.Module) -> Any:
@@ -207,3 +218,18 @@ def _onnx_session(path: str | Path, model: torch.nn.Module) -> Any:
         raise VitMqaError(f"ONNX file {path} has {session.get_outputs()[0].shape[-1]} "
                           f"outputs; the run has {c.num_classes} classes")
     return session
+
+
+def onnx_probabilities(session: Any, images_uint8: torch.Tensor, preprocess: Preprocess,
+                       temperature: float) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> class probabilities (N, classes), the network run by an
+    onnxruntime ``session``."""
+    # All in numpy: a torch operation between onnxruntime calls leaves torch's threads
+    # spinning while onnxruntime works, which halved its throughput on 2 cores.
+    p = preprocess
+    mean = np.asarray(p.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(p.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    x = (images_uint8.numpy().astype(np.float32) / 255 - mean) / std
+    logits = session.run(None, {"images": x})[0].astype(np.float64) / temperature
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return torch.from_numpy((e / e.sum(axis=1, keepdims=True)).astype(np.float32))

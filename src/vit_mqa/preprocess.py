@@ -156,6 +156,13 @@ def fashion_normalize(img: Image.Image, image_size: tuple[int, int] = (28, 28),
     return (out * 255 + 0.5).astype(np.uint8)
 
 
+def check_procedure(procedure: str) -> None:
+    """A clear error for a procedure that is none of PROCEDURES."""
+    if procedure not in PROCEDURES:
+        raise VitMqaError(f"unknown preprocessing procedure {procedure!r}: use one of "
+                          f"{', '.join(PROCEDURES)}")
+
+
 def prepare(source: ImageInput, image_size: tuple[int, int], in_channels: int,
             procedure: str = "stretch", raw: bool = False) -> torch.Tensor:
     """Any supported input -> uint8 (C, H, W) at image_size after the procedure.
@@ -164,9 +171,7 @@ def prepare(source: ImageInput, image_size: tuple[int, int], in_channels: int,
     dataset's format). "mnist" and "fashion-mnist" raise VitMqaError for an image
     without ink.
     """
-    if procedure not in PROCEDURES:
-        raise VitMqaError(f"unknown preprocessing procedure {procedure!r}: use one of "
-                          f"{', '.join(PROCEDURES)}")
+    check_procedure(procedure)
     img, name = load_source(source)
     if raw or procedure in RESIZES:
         out = image_to_tensor(img, image_size, in_channels, "stretch" if raw else procedure)

@@ -14,12 +14,11 @@ import copy
 import dataclasses
 import functools
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 from .config import SECTIONS, DataConfig, ViTConfig
-from .errors import VitMqaError, dataclass_from_dict
+from .errors import VitMqaError, dataclass_from_dict, read_json
 from .presets import DEFAULT_PRESET, PRESETS
 
 RESUME_OVERRIDABLE = (("train", "epochs"), ("train", "max_steps"), ("train", "device"),
@@ -118,11 +117,7 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
         _merge(config, {"model": shape}, "`init_from` config.json")
     if config_file is not None:
         path = Path(config_file)
-        try:
-            layer = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VitMqaError(f"cannot read config file {path}: "
-                              f"{str(e).splitlines()[0]}") from None
+        layer = read_json(path, f"cannot read config file {path}")
         if not isinstance(layer, dict):
             raise VitMqaError(f"config file {path} must hold a JSON object")
         _merge(config, layer, str(path))

@@ -19,6 +19,7 @@ from ._version import __version__
 from .checkpoint import CONFIG_NAME, TrainingProgress, read_config
 from .config import AugmentConfig, DataConfig, TrainConfig, ViTConfig
 from .data import DATASETS, Data, load_data, locate_idx_dataset
+from .distill import Teacher, load_teacher
 from .distributed import DistContext
 from .errors import VitMqaError
 from .interop import transfer_weights
@@ -50,6 +51,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     schedule: LRSchedule  # the scheduler's lr factor; its total_steps ends the run
     ema: AveragedModel | None
+    teacher: Teacher | None  # knowledge distillation's frozen teacher, when one is named
     steps_per_epoch: int
     say: Callable[[str], None]
     quiet: bool
@@ -124,6 +126,8 @@ def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: st
         if recorded.in_channels == pre.in_channels:  # e.g. a fine-tuning run's source's
             pre = dataclasses.replace(pre, mean=recorded.mean, std=recorded.std)
 
+    teacher = (load_teacher(train_cfg.teacher, pre, data.classes, device)
+               if train_cfg.teacher else None)
     model_cfg = ViTConfig.from_dict(dict(config["model"], image_size=list(pre.image_size),
                                          in_channels=pre.in_channels,
                                          num_classes=len(data.classes)))
@@ -164,8 +168,10 @@ def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: st
         f"{len(data.val)} val, {len(data.test)} test) | model: {count_parameters(model):,} "
         f"params, {model_cfg.num_heads} heads / {model_cfg.num_kv_heads} kv heads, "
         f"{model_cfg.num_patches} patches | device: {device}"
-        + (f" x {ctx.world_size} processes" if ctx.enabled else ""))
+        + (f" x {ctx.world_size} processes" if ctx.enabled else "")
+        + (f" | teacher: {train_cfg.teacher} ({train_cfg.distill}, weight "
+           f"{train_cfg.distill_weight:g})" if teacher is not None else ""))
     return Run(full_config, run_dir, train_cfg, aug_cfg, data, pre, ctx, device, model, ddp,
                 optimizer, scheduler, schedule,
                 make_ema(model, train_cfg.ema_decay) if train_cfg.ema_decay else None,
-                steps_per_epoch, say, quiet)
+                teacher, steps_per_epoch, say, quiet)

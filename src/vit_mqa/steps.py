@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .augment import augment, mix_batch
 from .config import AugmentConfig, TrainConfig
 from .data import Split
+from .distill import Teacher, distillation_loss
 from .distributed import DistContext, all_reduce_sum
 from .evaluate import confusion_matrix, predict_logits
 from .preprocess import Preprocess
@@ -86,14 +87,18 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, pr
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                  y: torch.Tensor, cfg: TrainConfig, autocast: torch.autocast
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  y: torch.Tensor, cfg: TrainConfig, autocast: torch.autocast,
+                  teacher: Teacher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch: forward, loss, backward, clipping, update. ``y``
     holds class indices or soft targets (mixup / CutMix); label smoothing applies to both.
-    Returns the loss and the logits, both still on the device (no synchronisation)."""
+    With a ``teacher``, the loss is blended with the loss on its answers for the same
+    batch (``distill``). Returns the loss and the logits, both still on the device (no
+    synchronisation)."""
     with autocast:
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if teacher is not None:
+            loss = distillation_loss(logits.float(), loss, teacher(x), cfg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:

@@ -218,7 +218,8 @@ def _train_epoch(run: Run, step_model: torch.nn.Module, images: torch.Tensor,
         x, y = make_batch(images, labels, order[start:start + run.local_batch], run.pre,
                           run.aug_cfg, aug_gen, len(run.data.classes))
         # DDP averages gradients across ranks: the global-batch gradient.
-        loss, logits = training_step(step_model, run.optimizer, x, y, cfg, autocast)
+        loss, logits = training_step(step_model, run.optimizer, x, y, cfg, autocast,
+                                     run.teacher)
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update_parameters(run.model)
