@@ -500,30 +500,36 @@ def test_time_budget_is_planned_again_from_the_pace_so_far():
 def test_cpu_speedups_only_where_bf16_is_native(tmp_path):
     import torch
 
-    from vit_mqa.distributed import cpu_has_native_bf16
+    from vit_mqa.distributed import cpu_bf16_unit
     from vit_mqa.steps import cpu_speedups
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     train = {"bf16": False, "compile": False, "cpu_speedups": True}
-    assert cpu_speedups(dict(train), cpu, native_bf16=False) == []
-    assert cpu_speedups(dict(train), cuda, native_bf16=True) == []
-    assert cpu_speedups({**train, "cpu_speedups": False}, cpu, native_bf16=True) == []
+    assert cpu_speedups(dict(train), cpu, None) == []
+    assert cpu_speedups(dict(train), cuda, "amx_bf16") == []
+    assert cpu_speedups({**train, "cpu_speedups": False}, cpu, "amx_bf16") == []
     on = dict(train)
-    assert cpu_speedups(on, cpu, native_bf16=True) == ["bf16", "compile"]
+    assert cpu_speedups(on, cpu, "amx_bf16") == ["bf16", "compile"]
     assert on["bf16"] and on["compile"]
-    assert cpu_speedups({**train, "bf16": True}, cpu, native_bf16=True) == ["compile"]
-    # The flag comes from the kernel's CPU flags: AMX's, not AVX-512's bf16 instructions.
-    amx = tmp_path / "amx"
-    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
-    avx = tmp_path / "avx"
-    avx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert cpu_has_native_bf16(str(amx)) and not cpu_has_native_bf16(str(avx))
-    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert cpu_speedups({**train, "bf16": True}, cpu, "amx_bf16") == ["compile"]
+    # AVX-512's bf16 dot products: bf16 pays, compile did not (measured on Zen 4).
+    on = dict(train)
+    assert cpu_speedups(on, cpu, "avx512_bf16") == ["bf16"] and not on["compile"]
+    # The unit comes from the kernel's CPU flags, AMX first.
+    flags = {"amx": "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile",
+             "zen4": "fpu avx2 avx512f avx512_bf16 avx512_vnni", "avx2": "fpu avx2 fma"}
+    for name, line in flags.items():
+        (tmp_path / name).write_text(f"processor\t: 0\nflags\t\t: {line}\n")
+    assert cpu_bf16_unit(str(tmp_path / "amx")) == "amx_bf16"
+    assert cpu_bf16_unit(str(tmp_path / "zen4")) == "avx512_bf16"
+    assert cpu_bf16_unit(str(tmp_path / "avx2")) is None
+    assert cpu_bf16_unit(str(tmp_path / "missing")) is None
 
 
 def test_a_run_records_whether_the_speedups_were_used(trained_run):
-    from vit_mqa.distributed import cpu_has_native_bf16
+    from vit_mqa.distributed import cpu_bf16_unit
 
     train = json.loads((trained_run / "config.json").read_text())["train"]
     assert train["cpu_speedups"] is True
-    assert train["bf16"] == train["compile"] == cpu_has_native_bf16()
+    assert train["bf16"] == (cpu_bf16_unit() is not None)
+    assert train["compile"] == (cpu_bf16_unit() == "amx_bf16")

@@ -78,10 +78,11 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     train_cfg = TrainConfig(**config["train"])  # checked here: the device comes from it
     ctx, device = distributed.init(train_cfg.device)
     if not resume:  # a resumed run keeps what it recorded
-        changed = cpu_speedups(config["train"], device, distributed.cpu_has_native_bf16())
+        unit = distributed.cpu_bf16_unit()
+        changed = cpu_speedups(config["train"], device, unit)
         if changed and ctx.is_main and not quiet:
-            log(f"this CPU runs bf16 natively (AMX): {' and '.join(changed)} switched on "
-                 "(--no-cpu-speedups keeps them off)")
+            log(f"this CPU multiplies bf16 in hardware ({unit}): {' and '.join(changed)} "
+                "switched on (--no-cpu-speedups keeps them off)")
     # The writing process holds the run directory's lock for the whole run; the emptiness
     # check comes after it, so two runs started together cannot both pass it.
     with RunLock(run_dir) if ctx.is_main else contextlib.nullcontext():
@@ -317,8 +318,9 @@ def _final_test(run: Run, train_time: float) -> dict[str, Any]:
         run.eval_model.load_state_dict(run.best_weights)
     else:  # the selected epoch was before a resume
         load_weights(run.eval_model, run.run_dir / WEIGHTS_NAME, run.device)
+    # In fp32 even after bf16 training: the figure `vit-mqa eval` gives for these weights.
     test = sharded_eval(run.eval_model, run.data.test, run.pre, run.train_cfg, run.device,
-                         run.ctx, len(run.data.classes))
+                         run.ctx, len(run.data.classes), fp32=True)
     report = report_from_confusion(test["confusion"], run.data.classes)
     results = {
         "test_accuracy": report["accuracy"],
@@ -333,9 +335,10 @@ def _final_test(run: Run, train_time: float) -> dict[str, Any]:
     }
     if run.ctx.is_main:
         # Fitted on validation images only: the test split stays untouched by any choice.
+        # On fp32 logits, as `predict` computes them.
         calibration = fit_on_split(run.eval_model, run.data.val.images, run.data.val.labels,
                                    run.pre, run.aug_cfg, run.train_cfg.seed, run.device,
-                                   run.train_cfg.eval_batch_size, run.train_cfg.bf16)
+                                   run.train_cfg.eval_batch_size, bf16=False)
         results["calibration"] = calibration
         write_json(run.run_dir / CONFIG_NAME, {**run.config, "calibration": calibration})
         write_json(run.run_dir / RESULTS_NAME, results)
