@@ -61,3 +61,29 @@ def test_help_and_presets_do_not_import_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+ROOT = PACKAGE.parents[1]
+
+
+def test_every_file_and_class_reads_in_one_sitting():
+    """No Python file in the package or benchmarks over 500 lines, no class over 120."""
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py"))
+    assert len(files) > 30
+    for path in files:
+        text = path.read_text()
+        assert len(text.splitlines()) <= 500, f"{path.relative_to(ROOT)} is over 500 lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 120, f"{path.name}: class {node.name} is {length} lines"
+
+
+def test_the_namespace_shows_only_public_names():
+    code = ("import vit_mqa\n"
+            "print(sorted(n for n in dir(vit_mqa) if not n.startswith('__')"
+            " and n not in vit_mqa.__all__))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
