@@ -47,6 +47,14 @@ def test_the_benchmark_is_not_in_the_package():
     assert (PACKAGE.parents[1] / "benchmarks" / "throughput.py").is_file()
 
 
+def fresh_python(code: str) -> str:
+    """What `code` prints in a new interpreter (nothing imported yet), stripped."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_help_and_presets_do_not_import_torch():
     code = ("import sys, contextlib, io\n"
             "from vit_mqa.cli import main\n"
@@ -57,10 +65,7 @@ def test_help_and_presets_do_not_import_torch():
             "        except SystemExit:\n"
             "            pass\n"
             "print('torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert fresh_python(code) == "False"
 
 
 ROOT = PACKAGE.parents[1]
@@ -83,7 +88,4 @@ def test_the_namespace_shows_only_public_names():
     code = ("import vit_mqa\n"
             "print(sorted(n for n in dir(vit_mqa) if not n.startswith('__')"
             " and n not in vit_mqa.__all__))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert fresh_python(code) == "[]"
