@@ -113,6 +113,40 @@ def test_fit_and_tta_scores_every_split_of_a_run(data_root, tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_ensemble_check_scores_runs_and_their_average(data_root, tmp_path):
+    tiny = ["--preset", "mnist-fast", "--data-dir", str(data_root), "--set", "epochs=1",
+            "--set", "dim=32", "--set", "depth=1", "--set", "val_size=500", "--quiet",
+            "--seeds", "0", "1", "--out", str(tmp_path / "t")]
+    assert run_tta(*tiny).returncode == 0
+    runs = [str(tmp_path / "t" / "seed0"), str(tmp_path / "t" / "seed1") + ":last.safetensors"]
+    script = str(REPO / "benchmarks" / "ensemble_check.py")
+    out = tmp_path / "ensemble.json"
+    result = subprocess.run([sys.executable, script, *runs, "--json-out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(result.stdout)
+    # The selected weights score what the run's own final test scored.
+    own = json.loads((tmp_path / "t" / "seed0" / "results.json").read_text())
+    assert abs(report["runs"][runs[0]] - own["test_accuracy"]) < 1e-6
+    # Each run's errors are counted once per run that makes them.
+    errors = sum(round((1 - acc) * 10000) for acc in report["runs"].values())
+    missed = report["missed_by_k_runs"]
+    assert int(missed["1"]) + 2 * int(missed["2"]) == errors
+    pair = report["ensembles"]["2"]
+    assert pair["subsets"] == 1 and pair["best_subset"] == runs
+    # The average is right wherever both runs are, and wrong wherever both are wrong.
+    assert 1 - (missed["1"] + missed["2"]) / 10000 - 1e-6 <= pair["max"]
+    assert pair["max"] <= 1 - missed["2"] / 10000 + 1e-6
+    one = subprocess.run([sys.executable, script, runs[0]], capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 2 and "give 2 to 12 runs, not 1" in one.stderr
+    missing = subprocess.run([sys.executable, script, runs[0], str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and missing.stderr.startswith("ensemble_check: error:")
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
 def test_step_speed_times_each_mode_of_a_preset_model(tmp_path):
     script = str(REPO / "benchmarks" / "step_speed.py")
     out = tmp_path / "speed.json"
