@@ -175,6 +175,8 @@ def test_presets_listed_as_a_table_and_as_json():
     assert "  patch 7, dim 64, depth 6, 4 heads / 1 K/V, cls" in default
     budget = next(x for x in lines if x.startswith("mnist-60min"))
     assert "cct stem, patch 7, dim 128, depth 6, 4 heads / 1 K/V, mean" in budget
+    vgg = next(x for x in lines if x.startswith("mnist-30min"))
+    assert "cct stem, 2 convs per stage, patch 7, dim 128, depth 6" in vgg
     assert all(any(x.startswith(name) for x in lines) for name in PRESETS)
     as_json = json.loads(run_cli("presets", "--json").stdout)
     assert as_json == {"default": "mnist-fast", "presets": PRESETS}

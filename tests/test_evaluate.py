@@ -10,7 +10,14 @@ import torch
 
 from tests.conftest import run_cli
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.evaluate import predict_logits, tta_views
+from vit_mqa.data import Split
+from vit_mqa.evaluate import (
+    confusion_matrix,
+    evaluate,
+    predict_logits,
+    report_from_confusion,
+    tta_views,
+)
 from vit_mqa.preprocess import Preprocess
 
 
@@ -54,3 +61,27 @@ def test_eval_command_reports_its_test_time_augmentation(tiny_run):
     assert report["tta"] == "flip+shift" and 0 <= report["accuracy"] <= 1
     bad = run_cli("eval", str(tiny_run), "--tta", "rotate")
     assert bad.returncode == 2 and "invalid choice: 'rotate'" in bad.stderr
+
+
+class _ReadsTheClassFromThePixel(torch.nn.Module):
+    """Logits that put each image in the class its first pixel names (after Preprocess
+    with mean 0 and std 1/255, the pixel value itself)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].round().long(), 10).float()
+
+
+def test_accuracy_is_exact_at_a_threshold():
+    # 9,970 right of 10,000: exactly 99.70 %, which a float32 mean makes 0.99699998.
+    labels = torch.arange(10_000) % 10
+    answers = labels.clone()
+    answers[:30] = (answers[:30] + 1) % 10
+    images = answers.to(torch.uint8)[:, None, None, None].expand(-1, 1, 2, 2).contiguous()
+    split = Split(images, labels)
+    result = evaluate(_ReadsTheClassFromThePixel(), split, Preprocess((2, 2), 1, (0.0,),
+                                                                      (1 / 255,)))
+    assert result["accuracy"] >= 0.997 and result["accuracy"] == 9_970 / 10_000
+    report = report_from_confusion(confusion_matrix(result["predictions"], labels, 10),
+                                   [str(i) for i in range(10)])
+    assert report["accuracy"] == 9_970 / 10_000 and report["num_images"] == 10_000
+    assert report["per_class"]["0"]["accuracy"] == 997 / 1000

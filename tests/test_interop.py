@@ -194,6 +194,11 @@ def test_transfer_refuses_another_stem_and_keeps_a_conv_stem():
     cct = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2, stem="cct"))
     with pytest.raises(VitMqaError, match="src has a conv stem and this model a cct stem"):
         transfer_weights(cct, conv, "src")
+    vgg = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2, stem="cct",
+                                      stem_convs=2))
+    with pytest.raises(VitMqaError, match=r"src has 1 convolution\(s\) per tokenizer stage "
+                                          "and this model 2.*`stem_convs` 1"):
+        transfer_weights(vgg, cct, "src")
     seq = VisionTransformer(ViTConfig(image_size=28, patch_size=7, dim=32, depth=2, stem="conv",
                                       pooling="seq"))
     with pytest.raises(VitMqaError, match="src pools its tokens with 'cls' and this model with "

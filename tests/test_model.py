@@ -16,6 +16,7 @@ CONFIGS = [
     dict(stem="conv", patch_size=7, pooling="mean"),
     dict(stem="conv", image_size=(32, 48), patch_size=8, in_channels=3, dim=48, num_heads=6),
     dict(stem="cct", patch_size=7, pooling="seq"),
+    dict(stem="cct", patch_size=7, stem_convs=2, pooling="mean"),
     dict(stem="cct", image_size=(32, 48), patch_size=8, in_channels=3, dim=48, num_heads=6),
     dict(pooling="seq", pos_embed="sincos2d"),
 ]
@@ -73,6 +74,9 @@ def test_unknown_config_key_is_an_error():
     (dict(stem="conv", patch_size=1), "halves the image 0 times"),
     (dict(stem="cct", image_size=224, patch_size=14),
      "stem 'cct' halves the image 4 times, which makes a 14x14 grid from 224x224, not the 16x16"),
+    (dict(stem="cct", patch_size=7, stem_convs=0), "stem_convs must be 1 to 8, got 0"),
+    (dict(stem="conv", patch_size=7, stem_convs=2),
+     "stem_convs applies to the \"cct\" stem only; this model's stem is 'conv'"),
 ])
 def test_bad_configs_are_clear_errors(kw, message):
     with pytest.raises(VitMqaError, match=message):
@@ -336,23 +340,27 @@ def test_conv_stem_round_trips_with_its_batchnorm_statistics(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("image_size, patch_size, grid", [
-    (28, 7, (4, 4)), (28, 4, (7, 7)), ((32, 48), 8, (4, 6)), (28, 2, (14, 14)),
+@pytest.mark.parametrize("image_size, patch_size, grid, convs_per_stage", [
+    (28, 7, (4, 4), 1), (28, 4, (7, 7), 1), ((32, 48), 8, (4, 6), 1), (28, 2, (14, 14), 1),
+    (28, 7, (4, 4), 2), ((32, 48), 8, (4, 6), 3),
 ])
-def test_cct_tokenizer_is_convolutions_and_max_pooling_to_the_patch_grid(image_size, patch_size,
-                                                                        grid):
+def test_cct_tokenizer_is_convolutions_and_max_pooling_to_the_patch_grid(
+        image_size, patch_size, grid, convs_per_stage):
     torch.manual_seed(0)
-    config = ViTConfig(image_size=image_size, patch_size=patch_size, stem="cct", dim=64)
+    config = ViTConfig(image_size=image_size, patch_size=patch_size, stem="cct", dim=64,
+                       stem_convs=convs_per_stage)
     model = VisionTransformer(config).eval()
     assert config.grid_size == grid
     x = torch.randn(2, 1, *config.image_size)
-    # The same computation written out: 3x3 stride-1 convolution, ReLU, 3x3 stride-2
-    # max-pooling, once per halving, the last convolution to dim.
+    # The same computation written out: per halving, `convs_per_stage` 3x3 stride-1
+    # convolutions with ReLU, then a 3x3 stride-2 max-pooling; the last stage's to dim.
     convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [*config.stem_widths[:-1], 64]
+    widths = [*config.stem_widths[:-1], 64]
+    assert [c.out_channels for c in convs] == [w for w in widths for _ in range(convs_per_stage)]
     y = x
-    for conv in convs:
-        y = torch.nn.functional.conv2d(y, conv.weight, padding=1).relu()
+    for stage in range(len(widths)):
+        for conv in convs[stage * convs_per_stage:(stage + 1) * convs_per_stage]:
+            y = torch.nn.functional.conv2d(y, conv.weight, padding=1).relu()
         y = torch.nn.functional.max_pool2d(y, 3, stride=2, padding=1)
     expected = y.flatten(2).transpose(1, 2)
     assert expected.shape == (2, grid[0] * grid[1], 64)

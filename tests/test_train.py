@@ -254,12 +254,14 @@ def test_time_to_accuracy_presets():
 
 
 def test_budget_presets_share_one_model_and_fit_their_minutes():
-    budgets = {"mnist-20min": 1185, "fmnist-30min": 1780, "mnist-60min": 3585}
+    budgets = {"mnist-20min": 1185, "mnist-30min": 1785, "fmnist-30min": 1780,
+               "mnist-60min": 3585}
     configs = {name: build_config(name) for name in budgets}
-    # One model: CCT's tokenizer for digits, the conv stem for clothing (higher validation
-    # accuracy at 30 minutes).
+    # One model: CCT's tokenizer for digits (two convolutions per stage at 30 minutes), the
+    # conv stem for clothing (higher validation accuracy at 30 minutes).
     digits = configs["mnist-20min"]["model"]
     assert configs["mnist-60min"]["model"] == digits
+    assert configs["mnist-30min"]["model"] == {**digits, "stem_convs": 2}
     assert configs["fmnist-30min"]["model"] == {**digits, "stem": "conv"}
     assert (digits["stem"], digits["dim"], digits["depth"]) == ("cct", 128, 6)
     for name, seconds in budgets.items():
@@ -274,6 +276,9 @@ def test_budget_presets_share_one_model_and_fit_their_minutes():
     clothes = AugmentConfig(**configs["fmnist-30min"]["augment"])
     assert clothes.hflip > 0 and clothes.mixes and not clothes.affine
     assert AugmentConfig(**configs["mnist-60min"]["augment"]).affine
+    # The 30-minute digits add the real-digit shape augmentation to the affine one.
+    shapes = AugmentConfig(**configs["mnist-30min"]["augment"])
+    assert shapes.affine and shapes.elastic > 0 and shapes.slant > 0 and shapes.stroke > 0
 
 
 def test_shape_presets_match_the_published_shapes():

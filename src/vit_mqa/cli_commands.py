@@ -222,6 +222,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
         config = build_config(name)  # what a run of the preset uses, defaults included
         model, train = config["model"], config["train"]
         stem = "" if model["stem"] == "patch" else f"{model['stem']} stem, "
+        if model["stem_convs"] != 1:
+            stem += f"{model['stem_convs']} convs per stage, "
         shape = (f"{stem}patch {model['patch_size']}, dim {model['dim']}, depth "
                  f"{model['depth']}, {model['num_heads']} heads / {model['num_kv_heads']} K/V, "
                  f"{model['pooling']}")

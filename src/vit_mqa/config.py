@@ -37,6 +37,10 @@ class ViTConfig:
     "conv" (3x3 stride-2 convolutions to the same token grid; Xiao et al. 2021) or "cct"
     (3x3 stride-1 convolutions, each followed by a 3x3 stride-2 max-pooling, to the same
     grid: the tokenizer of the Compact Convolutional Transformer, Hassani et al. 2021)."""
+    stem_convs: int = 1
+    """"cct" only: 3x3 convolutions (each with a ReLU) before each max-pooling. CCT's
+    tokenizer has 1; 2 makes it VGG-like (Simonyan & Zisserman 2015): each stage sees a
+    5x5 neighbourhood before it is pooled."""
     in_channels: int = 1
     """Image channels (1 grayscale, 3 RGB); set from the data in training."""
     num_classes: int = 10
@@ -124,7 +128,8 @@ class ViTConfig:
             patch += widths[-1] * D + D
         elif self.stem == "cct":  # 3x3 convolutions without bias, the last one to D
             widths = [self.in_channels, *self.stem_widths[:-1], D]
-            patch = sum(9 * a * b for a, b in zip(widths, widths[1:]))
+            patch = sum(9 * a * b + (self.stem_convs - 1) * 9 * b * b
+                        for a, b in zip(widths, widths[1:]))
         else:
             patch = self.in_channels * self.patch_size**2 * D + D
         pos = (self.num_patches + self.num_prefix_tokens) * D if self.pos_embed == "learned" else 0

@@ -14,6 +14,7 @@ from .errors import MAX_IMAGE_SIDE, VitMqaError, check_field_types
 # Bounds on what a config may ask for.
 MAX_TOKENS = 65536
 MAX_DEPTH = 256
+MAX_STEM_CONVS = 8
 MAX_PARAMETERS = 2_000_000_000
 
 IDX_DATASETS = ("mnist", "fashion-mnist")
@@ -81,6 +82,11 @@ def check_model(c: Any) -> None:
                 f"{grid[0]}x{grid[1]} grid from {h}x{w}, not the {c.grid_size[0]}x"
                 f"{c.grid_size[1]} of patch_size {c.patch_size}; use a patch_size "
                 f"of 2 or more whose halvings reach that grid (a power of two always does)")
+    if not 1 <= c.stem_convs <= MAX_STEM_CONVS:
+        raise VitMqaError(f"stem_convs must be 1 to {MAX_STEM_CONVS}, got {c.stem_convs}")
+    if c.stem_convs != 1 and c.stem != "cct":
+        raise VitMqaError(f"stem_convs applies to the \"cct\" stem only; this model's stem "
+                          f"is {c.stem!r} (drop stem_convs or set stem cct)")
     _check_choice("model", "pooling", c.pooling)
     _check_choice("model", "pos_embed", c.pos_embed)
     if not 0 < c.mlp_ratio <= 64 or c.dim * c.mlp_ratio < 1:

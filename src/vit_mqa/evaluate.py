@@ -64,7 +64,9 @@ def evaluate(model: torch.nn.Module, split: Split, preprocess: Preprocess,
     predictions = logits.argmax(dim=1)
     return {
         "loss": F.cross_entropy(logits, split.labels).item(),
-        "accuracy": (predictions == split.labels).float().mean().item(),
+        # Counted, then divided in float64: a float32 mean turns 9,970 of 10,000 into
+        # 0.99699998, which fails a ">= 99.70 %" test it passes.
+        "accuracy": (predictions == split.labels).sum().item() / max(len(split.labels), 1),
         "predictions": predictions,
         "logits": logits,
     }
@@ -116,12 +118,12 @@ def report_from_confusion(matrix: torch.Tensor, classes: list[str]) -> dict[str,
     matrix = matrix.cpu()
     support = matrix.sum(dim=1)
     per_class = {
-        name: {"accuracy": (matrix[i, i] / support[i]).item() if support[i] else None,
+        name: {"accuracy": int(matrix[i, i]) / int(support[i]) if support[i] else None,
                "support": int(support[i])}
         for i, name in enumerate(classes)
     }
     return {
-        "accuracy": (matrix.diag().sum() / matrix.sum()).item(),
+        "accuracy": int(matrix.diag().sum()) / max(int(matrix.sum()), 1),  # exact, as above
         "num_images": int(matrix.sum()),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),

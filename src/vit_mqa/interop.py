@@ -68,6 +68,10 @@ def transfer_weights(model: VisionTransformer, source: VisionTransformer,
     if src.stem != dst.stem:
         raise VitMqaError(f"{where} has a {src.stem} stem and this model a {dst.stem} stem: "
                           f"the weights cannot be reused (set `stem` {src.stem})")
+    if src.stem_convs != dst.stem_convs:
+        raise VitMqaError(f"{where} has {src.stem_convs} convolution(s) per tokenizer stage and "
+                          f"this model {dst.stem_convs}: the weights cannot be reused (set "
+                          f"`stem_convs` {src.stem_convs})")
     if src.pooling != dst.pooling:
         raise VitMqaError(f"{where} pools its tokens with {src.pooling!r} and this model with "
                           f"{dst.pooling!r}: the weights cannot be reused as they are (set "

@@ -94,16 +94,21 @@ class ConvPoolTokenizer(nn.Module):
     3x3 stride-2 max-pooling; the channels double up to ``dim``, which the last
     convolution outputs. The grid is the conv stem's, but each convolution sees every
     pixel of its input: about 3x the conv stem's multiply-adds (28 px, dim 128: 7.5M
-    against 2.4M), and max-pooling's tolerance of small shifts.
+    against 2.4M), and max-pooling's tolerance of small shifts. ``convs_per_stage`` > 1
+    stacks that many convolutions before each pooling, VGG-style (the later ones keep
+    the channels).
     """
 
-    def __init__(self, in_channels: int, widths: Sequence[int], dim: int) -> None:
+    def __init__(self, in_channels: int, widths: Sequence[int], dim: int,
+                 convs_per_stage: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = [in_channels, *widths[:-1], dim]
         for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=1, padding=1, bias=False),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2, padding=1)]
+            for c in [c_in] + [c_out] * (convs_per_stage - 1):
+                layers += [nn.Conv2d(c, c_out, kernel_size=3, stride=1, padding=1, bias=False),
+                           nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +120,7 @@ def make_stem(config: ViTConfig) -> nn.Module:
     if c.stem == "conv":
         return ConvStem(c.in_channels, c.stem_widths, c.dim)
     if c.stem == "cct":
-        return ConvPoolTokenizer(c.in_channels, c.stem_widths, c.dim)
+        return ConvPoolTokenizer(c.in_channels, c.stem_widths, c.dim, c.stem_convs)
     return PatchEmbed(c.in_channels, c.patch_size, c.dim)
 
 
