@@ -33,12 +33,12 @@ import torch
 from machine import cpu_flags, cpu_name
 from PIL import Image
 
-from vit_mqa.data import load_data
-from vit_mqa.demo import DemoModel
-from vit_mqa.interop import export_onnx
-from vit_mqa.model import load_model_dir
-from vit_mqa.predict import Predictor
-from vit_mqa.recipe import data_config_from_dict
+from vit_mqa.apps.demo import DemoModel
+from vit_mqa.config.recipe import data_config_from_dict
+from vit_mqa.data.datasets import load_data
+from vit_mqa.evaluation.predict import Predictor
+from vit_mqa.models.interop import export_onnx
+from vit_mqa.models.vit import load_model_dir
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

@@ -23,7 +23,7 @@ import torch
 
 from vit_mqa.checkpoint import write_json
 from vit_mqa.errors import VitMqaError
-from vit_mqa.evaluate import load_run, predict_logits
+from vit_mqa.evaluation.evaluate import load_run, predict_logits
 
 # Every subset of up to 12 runs is 4,083 averages of (10,000, classes) tensors: seconds.
 MAX_RUNS = 12

@@ -19,7 +19,7 @@ from typing import Any
 
 from vit_mqa.checkpoint import write_json
 from vit_mqa.errors import VitMqaError
-from vit_mqa.evaluate import TTA, evaluate, load_run
+from vit_mqa.evaluation.evaluate import TTA, evaluate, load_run
 
 
 def fit_and_tta(run_dir: str, tta: list[str], data_dir: str | None = None,

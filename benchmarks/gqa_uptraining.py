@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 
 from vit_mqa.checkpoint import RESULTS_NAME, read_config
-from vit_mqa.data import DataConfig, load_data
-from vit_mqa.evaluate import evaluate
-from vit_mqa.interop import convert_kv_heads
-from vit_mqa.model import count_parameters, load_model_dir, save_model_dir
-from vit_mqa.preprocess import Preprocess
-from vit_mqa.recipe import build_config
-from vit_mqa.training import train
+from vit_mqa.config.recipe import build_config
+from vit_mqa.data.datasets import DataConfig, load_data
+from vit_mqa.data.preprocess import Preprocess
+from vit_mqa.evaluation.evaluate import evaluate
+from vit_mqa.models.adapt import convert_kv_heads
+from vit_mqa.models.vit import count_parameters, load_model_dir, save_model_dir
+from vit_mqa.training.loop import train
 
 
 def main() -> None:

@@ -29,9 +29,9 @@ from PIL import Image, ImageFilter
 from real_styles import print_clean, print_photo, style_rng
 
 from vit_mqa.checkpoint import write_json
+from vit_mqa.data.printed import font_files, render_digits
 from vit_mqa.errors import VitMqaError
-from vit_mqa.predict import Predictor
-from vit_mqa.printed import font_files, render_digits
+from vit_mqa.evaluation.predict import Predictor
 
 UCI_STYLES = ("uci-dark-on-light", "uci-light-on-dark")
 # Style -> (renderer, the real_styles style whose random draws it shares).

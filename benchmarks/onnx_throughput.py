@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vit_mqa.data import DataConfig, load_data
-from vit_mqa.model import load_model_dir
-from vit_mqa.preprocess import Preprocess
+from vit_mqa.data.datasets import DataConfig, load_data
+from vit_mqa.data.preprocess import Preprocess
+from vit_mqa.models.vit import load_model_dir
 
 
 def main() -> None:

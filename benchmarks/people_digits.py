@@ -24,9 +24,9 @@ import torch
 from people_styles import STYLES, pick_digits, render, style_rng
 
 from vit_mqa.checkpoint import write_json
-from vit_mqa.data import DATASETS, load_idx_dataset
+from vit_mqa.data.datasets import DATASETS, load_idx_dataset
 from vit_mqa.errors import VitMqaError
-from vit_mqa.predict import Predictor
+from vit_mqa.evaluation.predict import Predictor
 
 
 def write_set(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, styles: list[str],

@@ -34,9 +34,9 @@ from real_styles import (
 )
 
 from vit_mqa.checkpoint import write_json
-from vit_mqa.data import DATASETS, load_idx_dataset
+from vit_mqa.data.datasets import DATASETS, load_idx_dataset
 from vit_mqa.errors import VitMqaError
-from vit_mqa.predict import Predictor
+from vit_mqa.evaluation.predict import Predictor
 
 
 def write_style(style: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,

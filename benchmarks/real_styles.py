@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from vit_mqa.printed import DIGITS, font_files, render_digits
+from vit_mqa.data.printed import DIGITS, font_files, render_digits
 
 HELD_OUT_FAMILIES = ("Free", "Noto")
 HANDWRITTEN = ("scan-8", "scan-12", "scan-16", "tiny", "tight-crop", "faint", "blurred",

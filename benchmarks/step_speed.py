@@ -2,7 +2,7 @@
 autocast and torch.compile, one change at a time, in one run.
 
 Each mode trains the preset's model on a fixed random batch of the preset's batch size
-with the training loop's own step (``vit_mqa.steps.training_step``: forward, loss,
+with the training loop's own step (``vit_mqa.training.steps.training_step``: forward, loss,
 backward, clipping, fused AdamW), so data loading and augmentation are left out. The
 first steps, where torch.compile compiles, are timed apart ("warm-up"); images/s come
 from the steps after them, as the median of several timed rounds. The modes run
@@ -26,12 +26,12 @@ import machine
 import torch
 
 from vit_mqa.checkpoint import write_json
-from vit_mqa.config import TrainConfig, ViTConfig
+from vit_mqa.config.recipe import build_config
+from vit_mqa.config.sections import TrainConfig, ViTConfig
 from vit_mqa.errors import VitMqaError
-from vit_mqa.model import VisionTransformer
-from vit_mqa.optim import make_optimizer
-from vit_mqa.recipe import build_config
-from vit_mqa.steps import compile_model, training_step
+from vit_mqa.models.vit import VisionTransformer
+from vit_mqa.training.optim import make_optimizer
+from vit_mqa.training.steps import compile_model, training_step
 
 MODES = {"eager": (False, False), "bf16": (True, False), "compile": (False, True),
          "bf16+compile": (True, True)}

@@ -1,7 +1,7 @@
 """Time to accuracy: train a preset with several seeds and record, after every epoch,
 the training wall time, validation and test accuracy and images/s.
 
-Training goes through ``vit_mqa.training.train`` exactly as ``vit-mqa train`` does; the
+Training goes through ``vit_mqa.training.loop.train`` exactly as ``vit-mqa train`` does; the
 test set is scored in an epoch hook whose time is not counted as training time.
 Model selection (the best checkpoint) uses the validation split only: the test
 figures are reported, never tuned on. Prints a markdown summary (mean ± std over
@@ -30,11 +30,11 @@ from typing import Any
 import machine
 
 from vit_mqa.checkpoint import write_json
-from vit_mqa.data import DataConfig, load_data
+from vit_mqa.config.recipe import build_config
+from vit_mqa.data.datasets import DataConfig, load_data
 from vit_mqa.errors import VitMqaError
-from vit_mqa.evaluate import evaluate
-from vit_mqa.recipe import build_config
-from vit_mqa.training import train
+from vit_mqa.evaluation.evaluate import evaluate
+from vit_mqa.training.loop import train
 
 # Test-accuracy thresholds reported per dataset (the targets in docs/benchmarks.md).
 THRESHOLDS = {"mnist": (0.990, 0.995, 0.997), "fashion-mnist": (0.92, 0.93, 0.935)}

@@ -33,9 +33,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from machine import describe  # noqa: E402
 
-from vit_mqa.checkpoint import atomic_write_text, write_json  # noqa: E402
-from vit_mqa.pretrained import BUILTIN_MODELS, CARD_NAME, PREFIX, builtin_root  # noqa: E402
-from vit_mqa.printed import file_sha256  # noqa: E402
+from vit_mqa.checkpoint import (  # noqa: E402
+    atomic_write_text,
+    file_sha256,  # noqa: E402
+    write_json,
+)
+from vit_mqa.models.builtin import BUILTIN_MODELS, CARD_NAME, PREFIX, builtin_root  # noqa: E402
 
 SEED = 0
 SUMMARIES = {
@@ -93,8 +96,8 @@ def _predicted_sample(name: str, target: Path, data_dir: str | None) -> dict[str
     `vit-mqa predict` reads them."""
     import numpy as np
 
-    from vit_mqa.data import DATASETS, load_idx_dataset
-    from vit_mqa.predict import Predictor
+    from vit_mqa.data.datasets import DATASETS, load_idx_dataset
+    from vit_mqa.evaluation.predict import Predictor
 
     arrays, _ = load_idx_dataset(DATASETS[name], data_dir, download=False)
     images, labels = arrays["test-images"][:1000], arrays["test-labels"][:1000]

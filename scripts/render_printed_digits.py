@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from vit_mqa.checkpoint import atomic_write
-from vit_mqa.printed import TRAINING_FAMILIES, asset_path, font_files, render_printed_digits
+from vit_mqa.data.printed import TRAINING_FAMILIES, asset_path, font_files, render_printed_digits
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Usage: python tests/cli_harness.py EXTRA_BYTES CASES.json RESULTS.json
 
-Each case is an argv list for ``vit_mqa.cli.main``. The result of each is its exit code,
+Each case is an argv list for ``vit_mqa.apps.cli.main``. The result of each is its exit code,
 its stderr, and whether it raised (a traceback is a failure the tests report). Running the
 real entry point in one process makes thousands of cases affordable; the address-space
 limit (EXTRA_BYTES above what the process has mapped once torch is imported) turns an
@@ -25,7 +25,7 @@ def main() -> None:
     extra, cases_path, results_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     import torch  # noqa: F401 - imported before the limit: torch maps a lot of address space
 
-    from vit_mqa.cli import main as cli_main
+    from vit_mqa.apps.cli import main as cli_main
 
     with open("/proc/self/statm") as f:
         mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")

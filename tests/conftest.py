@@ -55,7 +55,7 @@ def trained_run(tmp_path_factory, data_root) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_test_arrays(data_root):
-    from vit_mqa.data import DATASETS, load_idx_dataset
+    from vit_mqa.data.datasets import DATASETS, load_idx_dataset
 
     arrays, _ = load_idx_dataset(DATASETS["mnist"], str(data_root), download=False)
     return arrays["test-images"], arrays["test-labels"]

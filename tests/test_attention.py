@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vit_mqa.attention import GroupedQueryAttention
+from vit_mqa.models.attention import GroupedQueryAttention
 
 
 def reference_mha(attn: GroupedQueryAttention, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_native_grouping_agrees_with_the_fold_in_value_and_gradient(kv):
 
 
 def test_grouping_auto_follows_the_device_table(monkeypatch):
-    from vit_mqa import attention
+    from vit_mqa.models import attention
 
     attn = GroupedQueryAttention(48, 6, 1, explicit_max_tokens=0)
     x = torch.randn(2, 8, 48)

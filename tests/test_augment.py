@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vit_mqa.augment import (
+from vit_mqa.data.augment import (
     AugmentConfig,
     affine_theta,
     augment,

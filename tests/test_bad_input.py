@@ -109,9 +109,9 @@ def test_data_dir_missing_one_file_says_which_and_leaves_no_cache_folder(data_ro
 def test_diverged_training_stops_and_keeps_the_last_good_epoch(folder, tmp_path):
     """A NaN from epoch 2 on: the run stops with one line, and the checkpoints on disk are
     epoch 1's, finite, as they were."""
+    from vit_mqa.config.recipe import build_config
     from vit_mqa.errors import VitMqaError
-    from vit_mqa.recipe import build_config
-    from vit_mqa.training import train
+    from vit_mqa.training.loop import train
 
     def poison_after_first_epoch(record, model):
         # From epoch 2 on, training outputs are NaN (the weights saved after epoch 1 are not

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from vit_mqa.config import ViTConfig
-from vit_mqa.recipe import build_config
+from vit_mqa.config.recipe import build_config
+from vit_mqa.config.sections import ViTConfig
 
 
 def run_tta(*args: str) -> subprocess.CompletedProcess:

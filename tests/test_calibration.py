@@ -6,15 +6,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli, run_cli_cases
 
-from vit_mqa.calibration import (
-    DEFAULT_MIN_CONFIDENCE,
-    calibration_record,
-    fit_temperature,
-    reliability,
-    run_temperature,
-)
 from vit_mqa.errors import VitMqaError
-from vit_mqa.predict import Predictor
+from vit_mqa.evaluation.calibration import calibration_record, fit_temperature, reliability
+from vit_mqa.evaluation.predict import DEFAULT_MIN_CONFIDENCE, Predictor
+from vit_mqa.models.hub import run_temperature
 
 
 def _calibrated_sample(n=20000, classes=10, seed=0):

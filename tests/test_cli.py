@@ -64,7 +64,7 @@ def test_predict_images_of_any_size_and_mode(trained_run, mnist_test_arrays, tmp
 
 
 def test_predictor_api_matches_cli(trained_run, mnist_test_arrays, tmp_path):
-    from vit_mqa.predict import Predictor
+    from vit_mqa.evaluation.predict import Predictor
 
     images, _ = mnist_test_arrays
     Image.fromarray(images[0]).save(tmp_path / "a.png")
@@ -165,7 +165,7 @@ def test_train_on_image_folder_then_predict(tmp_path):
 
 
 def test_presets_listed_as_a_table_and_as_json():
-    from vit_mqa.presets import PRESETS
+    from vit_mqa.config.presets import PRESETS
 
     result = run_cli("presets")
     lines = result.stdout.splitlines()

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import write_image_folder
 from vit_mqa import data as data_module
-from vit_mqa.data import (
+from vit_mqa.data.datasets import (
     DATASETS,
     DataConfig,
     load_data,

@@ -26,9 +26,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_mqa.demo import BLANK_MESSAGE, DemoModel, attention_layout, layout_markdown, upscale
-from vit_mqa.explain import attention_rollout, overlay
-from vit_mqa.model import VisionTransformer, ViTConfig
+from vit_mqa.apps.demo import BLANK_MESSAGE, DemoModel, attention_layout, layout_markdown, upscale
+from vit_mqa.evaluation.explain import attention_rollout, overlay
+from vit_mqa.models.vit import VisionTransformer, ViTConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

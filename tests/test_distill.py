@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import assert_one_line_error, run_cli_cases
-from vit_mqa.config import TrainConfig
-from vit_mqa.data import DataConfig, Split, load_data
-from vit_mqa.distill import Teacher, distillation_loss, load_teacher
+from vit_mqa.config.recipe import build_config
+from vit_mqa.config.sections import TrainConfig
+from vit_mqa.data.datasets import DataConfig, Split, load_data
+from vit_mqa.data.preprocess import Preprocess
 from vit_mqa.errors import VitMqaError
-from vit_mqa.evaluate import predict_logits
-from vit_mqa.model import VisionTransformer, ViTConfig
-from vit_mqa.preprocess import Preprocess
-from vit_mqa.recipe import build_config
-from vit_mqa.training import train
+from vit_mqa.evaluation.evaluate import predict_logits
+from vit_mqa.models.vit import VisionTransformer, ViTConfig
+from vit_mqa.training.distill import Teacher, distillation_loss, load_teacher
+from vit_mqa.training.loop import train
 
 TINY = {"dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 1, "batch_size": 32,
         "val_size": 200, "eval_batch_size": 500}

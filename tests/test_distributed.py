@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli, write_image_folder
-from vit_mqa.model import VisionTransformer, ViTConfig
+from vit_mqa.models.vit import VisionTransformer, ViTConfig
 
 NO_AUGMENT = ["--rotate", "0", "--translate", "0", "--scale-min", "1", "--scale-max", "1"]
 

@@ -10,15 +10,15 @@ import torch
 
 from tests.conftest import run_cli
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.data import Split
-from vit_mqa.evaluate import (
+from vit_mqa.data.datasets import Split
+from vit_mqa.data.preprocess import Preprocess
+from vit_mqa.evaluation.evaluate import (
     confusion_matrix,
     evaluate,
     predict_logits,
     report_from_confusion,
     tta_views,
 )
-from vit_mqa.preprocess import Preprocess
 
 
 def test_views_flip_and_shift_with_the_background_filling_in():

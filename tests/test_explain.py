@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vit_mqa import attention
 from vit_mqa.errors import VitMqaError
-from vit_mqa.explain import (
+from vit_mqa.evaluation.explain import (
     attention_rollout,
     colormap,
     layer_attention,
@@ -16,7 +15,8 @@ from vit_mqa.explain import (
     overlay,
     readout,
 )
-from vit_mqa.model import VisionTransformer, ViTConfig
+from vit_mqa.models import attention
+from vit_mqa.models.vit import VisionTransformer, ViTConfig
 
 
 def tiny_model(pooling: str, seed: int = 0, **kw) -> VisionTransformer:

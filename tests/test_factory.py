@@ -9,7 +9,7 @@ import torch
 
 import vit_mqa
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError, create_model
-from vit_mqa.presets import PRESETS
+from vit_mqa.config.presets import PRESETS
 
 
 def test_a_preset_gives_its_architecture():
@@ -74,7 +74,7 @@ def test_pretrained_with_other_classes_gets_a_new_head(pretrained):
 
 
 def test_pretrained_at_another_image_size_resamples_position_embeddings(pretrained):
-    from vit_mqa.interop import resample_pos_embed
+    from vit_mqa.models.adapt import resample_pos_embed
 
     source, path = pretrained
     model = create_model("mnist-fast", pretrained=path, depth=2, image_size=(56, 42))
@@ -104,6 +104,6 @@ def test_the_package_exports_the_public_api():
                  "VitMqaError", "Predictor", "train", "build_config", "load_external",
                  "convert_kv_heads", "export_onnx", "attention_rollout"):
         assert name in vit_mqa.__all__ and getattr(vit_mqa, name) is not None, name
-    importlib.import_module("vit_mqa.training")
+    importlib.import_module("vit_mqa.training.loop")
     assert callable(vit_mqa.train) and vit_mqa.train.__name__ == "train"
     assert isinstance(vit_mqa.ViTConfig(), ViTConfig)

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 
 from tests.conftest import run_cli
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.interop import (
+from vit_mqa.models.interop import (
     convert_kv_heads,
     export_onnx,
     load_external,
     resample_pos_embed,
     transfer_weights,
 )
-from vit_mqa.model import load_model_dir, save_model_dir
+from vit_mqa.models.vit import load_model_dir, save_model_dir
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -290,7 +290,7 @@ def test_onnx_export_matches_on_the_whole_mnist_test_set(trained_run, tmp_path,
     assert result.returncode == 0, result.stderr
     assert "onnxruntime matches PyTorch" in result.stdout
     model, config = load_model_dir(trained_run)
-    from vit_mqa.preprocess import Preprocess
+    from vit_mqa.data.preprocess import Preprocess
 
     pre = Preprocess.from_dict(config["preprocess"])
     images = torch.from_numpy(mnist_test_arrays[0].copy()).unsqueeze(1)
@@ -310,7 +310,7 @@ def test_int8_export_keeps_mnist_accuracy_and_predict_runs_it(trained_run, tmp_p
                                                               mnist_test_arrays):
     from PIL import Image
 
-    from vit_mqa.predict import Predictor
+    from vit_mqa.evaluation.predict import Predictor
 
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     # The shipped model (99.35 %): a briefly trained one has so many near-ties that int8

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.model import count_parameters, load_model_dir
+from vit_mqa.models.vit import count_parameters, load_model_dir
 
 CONFIGS = [
     dict(),

@@ -60,7 +60,7 @@ def test_wheel_carries_the_built_in_models_and_the_printed_digits(wheel):
     import hashlib
     import json
 
-    from vit_mqa.pretrained import BUILTIN_MODELS, PREFIX
+    from vit_mqa.models.builtin import BUILTIN_MODELS, PREFIX
 
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())

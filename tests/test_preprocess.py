@@ -17,9 +17,9 @@ from PIL import Image, ImageFilter
 
 from benchmarks.people_styles import STYLES, render, style_rng
 from tests.conftest import run_cli, write_image_folder
-from vit_mqa.data import DataConfig, load_data, read_image
+from vit_mqa.data.datasets import DataConfig, load_data, read_image
+from vit_mqa.data.preprocess import Preprocess, prepare
 from vit_mqa.errors import VitMqaError
-from vit_mqa.preprocess import Preprocess, prepare
 
 
 def mnist(source) -> np.ndarray:
@@ -201,7 +201,7 @@ def test_a_stray_dot_darker_than_the_digit_does_not_make_it_blank(digits):
 def test_dot_matrix_digits_and_marks_close_to_the_digit_are_kept(digits):
     """Only marks far from the digit are dropped as strays: a digit printed in separate
     dots stays whole, and a small mark beside the strokes stays ink."""
-    from vit_mqa.ink import ink_map
+    from vit_mqa.data.ink import ink_map
 
     images, _ = digits
     for d in images[:4]:
@@ -312,7 +312,7 @@ def test_old_configs_keep_stretch():
 
 def test_run_records_the_mnist_procedure_and_predictor_takes_any_input(trained_run, digits,
                                                                        tmp_path):
-    from vit_mqa.predict import Predictor
+    from vit_mqa.evaluation.predict import Predictor
 
     config = json.loads((trained_run / "config.json").read_text())
     assert config["preprocess"]["procedure"] == "mnist"
@@ -338,7 +338,7 @@ def test_run_records_the_mnist_procedure_and_predictor_takes_any_input(trained_r
 
 
 def test_evaluate_folder_applies_the_procedure(trained_run, digits, tmp_path):
-    from vit_mqa.predict import Predictor
+    from vit_mqa.evaluation.predict import Predictor
 
     images, labels = digits
     for i in range(8):  # black on white, larger than 28 px: how people save digits
@@ -407,8 +407,8 @@ def test_image_folder_run_records_its_resize(tmp_path):
 
 
 def test_predict_flags_offer_every_procedure():
-    from vit_mqa.cli import build_parser
-    from vit_mqa.preprocess import PROCEDURES
+    from vit_mqa.apps.cli import build_parser
+    from vit_mqa.data.preprocess import PROCEDURES
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     procedure = next(a for a in sub.choices["predict"]._actions if a.dest == "procedure")

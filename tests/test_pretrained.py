@@ -19,11 +19,11 @@ from PIL import Image
 
 from tests.conftest import assert_one_line_error, run_cli, run_cli_cases, write_image_folder
 from vit_mqa import VisionTransformer, create_model
-from vit_mqa.data import DATASETS, load_idx_dataset
+from vit_mqa.checkpoint import file_sha256
+from vit_mqa.data.datasets import DATASETS, load_idx_dataset
 from vit_mqa.errors import VitMqaError
-from vit_mqa.predict import Predictor
-from vit_mqa.pretrained import BUILTIN_MODELS, builtin_dir, model_card
-from vit_mqa.printed import file_sha256
+from vit_mqa.evaluation.predict import Predictor
+from vit_mqa.models.builtin import BUILTIN_MODELS, builtin_dir, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "pretrained.md"

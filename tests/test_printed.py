@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vit_mqa.config import DataConfig
-from vit_mqa.data import load_data
-from vit_mqa.errors import VitMqaError
-from vit_mqa.printed import (
+from vit_mqa.config.sections import DataConfig
+from vit_mqa.data.datasets import load_data
+from vit_mqa.data.printed import (
     TRAINING_FAMILIES,
     asset_path,
     font_files,
@@ -19,6 +18,7 @@ from vit_mqa.printed import (
     render_digits,
     render_printed_digits,
 )
+from vit_mqa.errors import VitMqaError
 
 DEJAVU = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 LAO = Path("/usr/share/fonts/truetype/noto/NotoLoopedLao-Regular.ttf")  # no Latin digits

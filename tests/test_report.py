@@ -14,9 +14,9 @@ from PIL import Image
 
 from tests.conftest import run_cli, write_image_folder
 from vit_mqa import cli
-from vit_mqa.recipe import build_config
-from vit_mqa.report import confident_mistakes, sample_indices, write_report
-from vit_mqa.training import train
+from vit_mqa.apps.report import confident_mistakes, sample_indices, write_report
+from vit_mqa.config.recipe import build_config
+from vit_mqa.training.loop import train
 
 pytest.importorskip("matplotlib")
 
@@ -91,7 +91,7 @@ def test_sample_choice_is_seeded_and_spans_classes():
 def test_reliability_figure_shows_both_calibrations():
     from matplotlib.figure import Figure
 
-    from vit_mqa.report import plot_reliability
+    from vit_mqa.apps.report import plot_reliability
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2000, 10, generator=g) * 4

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from vit_mqa import cli
-from vit_mqa.data import DataConfig, Split, load_data
-from vit_mqa.recipe import build_config
-from vit_mqa.training import train
+from vit_mqa.config.recipe import build_config
+from vit_mqa.data.datasets import DataConfig, Split, load_data
+from vit_mqa.training.loop import train
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E402

@@ -53,7 +53,7 @@ def test_kv_variants():
 
 
 def test_mnist_fast_shape_follows_the_preset():
-    from vit_mqa.presets import PRESETS
+    from vit_mqa.config.presets import PRESETS
 
     model = PRESETS["mnist-fast"]["model"]
     shape = bench.SHAPES["mnist-fast"]

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
-from vit_mqa.augment import AugmentConfig
 from vit_mqa.checkpoint import load_weights
-from vit_mqa.data import DataConfig, Split, load_data
+from vit_mqa.config.recipe import build_config
+from vit_mqa.data.augment import AugmentConfig
+from vit_mqa.data.datasets import DataConfig, Split, load_data
 from vit_mqa.errors import VitMqaError
-from vit_mqa.evaluate import evaluate
-from vit_mqa.model import VisionTransformer, ViTConfig
-from vit_mqa.optim import lr_factor
-from vit_mqa.recipe import build_config
-from vit_mqa.training import train
+from vit_mqa.evaluation.evaluate import evaluate
+from vit_mqa.models.vit import VisionTransformer, ViTConfig
+from vit_mqa.training.loop import train
+from vit_mqa.training.optim import lr_factor
 
 TINY = {"dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 2, "batch_size": 32,
         "val_size": 200, "eval_batch_size": 500}
@@ -181,8 +181,8 @@ def test_resume_of_something_else_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kw", [dict(), dict(pooling="mean", pos_embed="sincos2d")])
 def test_optimizer_skips_weight_decay_on_1d_params_and_the_models_list(kw):
-    from vit_mqa.config import TrainConfig
-    from vit_mqa.optim import make_optimizer
+    from vit_mqa.config.sections import TrainConfig
+    from vit_mqa.training.optim import make_optimizer
 
     model = VisionTransformer(ViTConfig(depth=2, dim=32, qk_norm=True, **kw))
     optimizer = make_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
@@ -223,7 +223,7 @@ def test_image_folder_training_end_to_end(tmp_path):
 @pytest.mark.parametrize("name", ["mnist-fast", "mnist-3min", "fmnist-fast", "mnist-accurate",
                                   "fmnist-accurate", "vit-ti", "vit-s", "vit-b"])
 def test_every_preset_builds_a_valid_model(name):
-    from vit_mqa.presets import PRESETS
+    from vit_mqa.config.presets import PRESETS
 
     config = build_config(name)
     assert config["preset"] == name
@@ -327,8 +327,8 @@ def test_compile_without_a_compiler_falls_back_to_the_eager_result(data_root, tm
 
 
 def test_layer_decay_gives_each_layer_its_learning_rate_and_freezing_trains_the_head_only():
-    from vit_mqa.config import TrainConfig
-    from vit_mqa.optim import freeze_backbone, make_optimizer
+    from vit_mqa.config.sections import TrainConfig
+    from vit_mqa.training.optim import freeze_backbone, make_optimizer
 
     model = VisionTransformer(ViTConfig(dim=32, depth=2, num_heads=4))
     cfg = TrainConfig(lr=1.0, layer_decay=0.5)
@@ -479,10 +479,10 @@ def test_time_budget_is_planned_again_from_the_pace_so_far():
     """A slow first epoch (start-up costs) must not shorten the whole run."""
     from types import SimpleNamespace
 
-    from vit_mqa.config import TrainConfig
-    from vit_mqa.distributed import DistContext
-    from vit_mqa.optim import LRSchedule
-    from vit_mqa.training import _plan_for_budget
+    from vit_mqa.config.sections import TrainConfig
+    from vit_mqa.training.distributed import DistContext
+    from vit_mqa.training.loop import _plan_for_budget
+    from vit_mqa.training.optim import LRSchedule
 
     said = []
     run = SimpleNamespace(train_cfg=TrainConfig(epochs=10, time_budget=100.0),
@@ -505,8 +505,8 @@ def test_time_budget_is_planned_again_from_the_pace_so_far():
 def test_cpu_speedups_only_where_bf16_is_native(tmp_path):
     import torch
 
-    from vit_mqa.distributed import cpu_bf16_unit
-    from vit_mqa.steps import cpu_speedups
+    from vit_mqa.device import cpu_bf16_unit
+    from vit_mqa.training.steps import cpu_speedups
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     train = {"bf16": False, "compile": False, "cpu_speedups": True}
@@ -532,7 +532,7 @@ def test_cpu_speedups_only_where_bf16_is_native(tmp_path):
 
 
 def test_a_run_records_whether_the_speedups_were_used(trained_run):
-    from vit_mqa.distributed import cpu_bf16_unit
+    from vit_mqa.device import cpu_bf16_unit
 
     train = json.loads((trained_run / "config.json").read_text())["train"]
     assert train["cpu_speedups"] is True

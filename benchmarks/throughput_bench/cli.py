@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--markdown-out", metavar="FILE", help="write the tables to a file too")
 
     args = b.parse_args(argv)
-    from vit_mqa.distributed import pick_device
+    from vit_mqa.device import pick_device
 
     try:
         for name in ("repeats", "threads", "batch_size", "infer_batch_size"):

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit_mqa.config import TrainConfig
-from vit_mqa.model import VisionTransformer, count_parameters
-from vit_mqa.optim import make_optimizer
-from vit_mqa.steps import compile_model, training_step
+from vit_mqa.config.sections import TrainConfig
+from vit_mqa.models.vit import VisionTransformer, count_parameters
+from vit_mqa.training.optim import make_optimizer
+from vit_mqa.training.steps import compile_model, training_step
 
 from .shapes import Shape
 

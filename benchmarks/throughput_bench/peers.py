@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vit_mqa.model import VisionTransformer, ViTConfig
+from vit_mqa.models.vit import VisionTransformer, ViTConfig
 
 from .shapes import Shape
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vit_mqa.presets import PRESETS
+from vit_mqa.config.presets import PRESETS
 
 
 @dataclass(frozen=True)

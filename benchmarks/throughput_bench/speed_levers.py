@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit_mqa.attention import (
+from vit_mqa.models.attention import (
     DEFAULT_EXPLICIT_MAX_TOKENS,
     GROUPING_BY_DEVICE,
     GroupedQueryAttention,
 )
-from vit_mqa.model import VisionTransformer
+from vit_mqa.models.vit import VisionTransformer
 
 from .meters import BenchOptions, Runner, make_runner, math_attention, prepare, time_round_robin
 from .peers import build_vit_mqa

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from vit_mqa.config import AugmentConfig, TrainConfig
-from vit_mqa.optim import make_optimizer
-from vit_mqa.preprocess import Preprocess
-from vit_mqa.steps import compile_model, make_batch, training_step
+from vit_mqa.config.sections import AugmentConfig, TrainConfig
+from vit_mqa.data.preprocess import Preprocess
+from vit_mqa.training.optim import make_optimizer
+from vit_mqa.training.steps import compile_model, make_batch, training_step
 
 from .meters import BenchOptions, make_runner, prepare, synchronize, time_round_robin
 from .peers import build_vit_mqa

@@ -12,24 +12,25 @@ from typing import Any
 from ._version import __version__
 
 # public name -> the module that defines it. The training function lives in
-# `vit_mqa.training`, so that no submodule is called `train` and can take its place here.
+# `vit_mqa.training.loop`: no subpackage or module here is called `train`, which would take
+# the function's place in this namespace once imported.
 _EXPORTS = {
-    "AugmentConfig": "config",
-    "DataConfig": "config",
-    "GroupedQueryAttention": "attention",
-    "Predictor": "predict",
-    "Preprocess": "preprocess",
-    "TrainConfig": "config",
-    "ViTConfig": "config",
-    "VisionTransformer": "model",
+    "AugmentConfig": "config.sections",
+    "DataConfig": "config.sections",
+    "GroupedQueryAttention": "models.attention",
+    "Predictor": "evaluation.predict",
+    "Preprocess": "data.preprocess",
+    "TrainConfig": "config.sections",
+    "ViTConfig": "config.sections",
+    "VisionTransformer": "models.vit",
     "VitMqaError": "errors",
-    "attention_rollout": "explain",
-    "build_config": "recipe",
-    "convert_kv_heads": "interop",
-    "create_model": "factory",
-    "export_onnx": "interop",
-    "load_external": "interop",
-    "train": "training",
+    "attention_rollout": "evaluation.explain",
+    "build_config": "config.recipe",
+    "convert_kv_heads": "models.adapt",
+    "create_model": "models.factory",
+    "export_onnx": "models.interop",
+    "load_external": "models.interop",
+    "train": "training.loop",
 }
 
 __all__ = ["__version__", *_EXPORTS]

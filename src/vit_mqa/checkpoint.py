@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -27,13 +28,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from .errors import VitMqaError, read_json
+from .errors import VitMqaError
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -177,6 +179,8 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
 
@@ -236,6 +240,9 @@ def load_weights(model: torch.nn.Module, path: str | Path,
                  map_location: str | torch.device = "cpu") -> None:
     """Load safetensors weights strictly; any mismatch, or a NaN or infinite value, is one
     clear error."""
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path)
     check_weights_file(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     try:
@@ -266,11 +273,15 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 def save_training_state(path: str | Path, modules: dict[str, Any],
                         progress: TrainingProgress) -> None:
     """``modules``: state_dicts named as in STATE_MODULES."""
+    import torch
+
     atomic_write(path, lambda tmp: torch.save({**modules, **dataclasses.asdict(progress)}, tmp))
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, Any], TrainingProgress]:
     """(module state_dicts, counters) from training_state.pt, every part checked."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise VitMqaError(f"cannot resume: {path} does not exist")
@@ -304,3 +315,18 @@ def load_training_state(path: str | Path) -> tuple[dict[str, Any], TrainingProgr
                                 float(state["best_val_accuracy"]), state["best_epoch"],
                                 float(state.get("elapsed_s", 0.0)))
     return modules, progress
+
+
+def read_json(path: Path, failure: str) -> Any:
+    """The JSON value in the file ``path``; a file that cannot be read, decoded or parsed
+    is a VitMqaError "``failure``: the reason" (the reason's first line)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VitMqaError(f"{failure}: {str(e).splitlines()[0]}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,1 @@
+"""What people run: the ``vit-mqa`` command, the demo page and the report."""

@@ -1,0 +1,259 @@
+"""What each ``vit-mqa`` subcommand does, given its parsed arguments; each returns the
+exit code. The package's heavy modules (torch among them) are imported inside the command
+that needs them, so that ``--help`` and ``presets`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..errors import VitMqaError
+
+
+def _fresh_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VitMqaError(f"{out} already exists; choose a new destination")
+    return out
+
+
+def _new_run_dir(stem: str) -> str:
+    """stem, or stem-2, stem-3, ...: the first that did not exist. Made here with an
+    exclusive mkdir, so that two runs started in the same second get different folders."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = stem if n == 1 else f"{stem}-{n}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise VitMqaError(f"no free run directory name beside {stem}; pass --out DIR")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ..models.adapt import resize_model
+    from ..models.hub import save_model_dir
+    from ..models.interop import load_external
+
+    dest = _fresh_dir(args.dest)
+    model, extras = load_external(args.source, args.num_heads)
+    if args.image_size:
+        if len(args.image_size) > 2:
+            raise VitMqaError("--image-size takes H or H W")
+        size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
+        model = resize_model(model, (size[0], size[1]))
+    save_model_dir(model, dest, {**extras, "imported_from": str(args.source)})
+    mc = model.config
+    print(f"imported {args.source} -> {dest} ({mc.depth} layers, dim {mc.dim}, "
+          f"{mc.num_heads} heads, {mc.image_size[0]}x{mc.image_size[1]})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..models.adapt import convert_kv_heads
+    from ..models.hub import save_model_dir
+    from ..models.vit import load_model_dir
+
+    dest = _fresh_dir(args.dest)
+    model, config = load_model_dir(args.source)
+    converted = convert_kv_heads(model, args.kv_heads)
+    # Keep data, preprocessing and class names, so eval, predict and --init-from work.
+    extra = {k: v for k, v in config.items() if k not in ("model", "vit_mqa_version")}
+    save_model_dir(converted, dest, {**extra, "converted_from": str(args.source),
+                                     "vit_mqa_version": __version__})
+    print(f"converted {args.source} ({model.config.num_kv_heads} K/V heads) -> {dest} "
+          f"({args.kv_heads} K/V heads)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..models.interop import export_onnx
+    from ..models.vit import load_model_dir
+
+    model, _ = load_model_dir(args.run_dir, _weights_name(args.weights))
+    worst = export_onnx(model, args.output, args.opset, verify=True, int8=args.int8)
+    if args.int8:
+        print(f"exported {args.run_dir} -> {args.output} (int8 weights, dynamic batch; "
+              f"logits within {worst:.2g} of PyTorch's on random input)")
+    else:
+        print(f"exported {args.run_dir} -> {args.output} (dynamic batch; onnxruntime matches "
+              f"PyTorch within {worst:.1e})")
+    return 0
+
+
+def _weights_name(choice: str) -> str:
+    from ..checkpoint import LAST_WEIGHTS_NAME, WEIGHTS_NAME
+
+    return WEIGHTS_NAME if choice == "best" else LAST_WEIGHTS_NAME
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..config.recipe import build_config, field_section
+    from ..config.sections import SECTIONS
+    from ..device import launched_by_torchrun
+    from ..training.loop import train
+
+    own = {"command", "preset", "config", "out", "resume", "init_from", "quiet"}
+    overrides = {k: v for k, v in vars(args).items() if k not in own}
+    if args.resume:
+        if args.preset or args.config or args.out or args.init_from:
+            raise VitMqaError("--resume takes its settings from the run; it cannot be combined "
+                              "with --preset, --config, --out or --init-from")
+        sectioned: dict[str, Any] = {s: {} for s in SECTIONS}
+        for name, value in overrides.items():
+            sectioned[field_section(name)][name] = value
+        train(sectioned, args.resume, resume=True, quiet=args.quiet)
+        return 0
+    init_model = init_dir = None
+    if args.init_from:
+        from ..checkpoint import read_config
+        from ..models.hub import resolve_model_dir
+
+        init_dir = resolve_model_dir(args.init_from)  # a folder, or a model on the Hub
+        init_model = read_config(init_dir)["model"]
+    config = build_config(args.preset, args.config, overrides, init_model)
+    out = args.out
+    if out is None:
+        # Every torchrun process must pick the same folder: name it after the run id.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+        out = (f"runs/{config['preset']}-{run_id}" if run_id
+               else _new_run_dir(f"runs/{config['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    train(config, out, init_from=init_dir, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..device import pick_device
+    from ..evaluation.evaluate import classification_report, evaluate, load_run
+
+    device = pick_device(args.device)
+    model, config, data = load_run(args.run_dir, _weights_name(args.weights), device,
+                                   args.data_dir)
+    split = data.test if args.split == "test" else data.val
+    result = evaluate(model, split, model.preprocess, device=device, tta=args.tta)
+    report = classification_report(result["predictions"], split.labels, data.classes)
+    report = {"split": args.split, "run_dir": str(args.run_dir), "tta": args.tta,
+              "loss": result["loss"], **report}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    views = "" if args.tta == "none" else f", test-time augmentation {args.tta}"
+    print(f"{args.split} accuracy: {100 * report['accuracy']:.2f}% on {report['num_images']} "
+          f"images (loss {report['loss']:.4f}{views})")
+    width = max(len(c) for c in data.classes)
+    print("per-class accuracy:")
+    for name, stats in report["per_class"].items():
+        acc = "n/a" if stats["accuracy"] is None else f"{100 * stats['accuracy']:6.2f}%"
+        print(f"  {name:>{width}}  {acc}  ({stats['support']} images)")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    cells = max(len(str(v)) for row in report["confusion_matrix"] for v in row)
+    cells = max(cells, max(len(c) for c in data.classes))
+    print(" " * (width + 2) + " ".join(f"{c[:cells]:>{cells}}" for c in data.classes))
+    for name, row in zip(data.classes, report["confusion_matrix"]):
+        print(f"  {name:>{width}}" + " ".join(f"{v:>{cells}}" for v in row))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..device import pick_device
+    from .report import write_report
+
+    paths = write_report(args.run_dir, _weights_name(args.weights), pick_device(args.device),
+                         args.data_dir, samples=args.samples, seed=args.seed)
+    print(f"wrote {len(paths) - 1} figures and {paths[-1]}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..device import pick_device
+    from ..evaluation.predict import Predictor
+
+    if args.top_k < 1:
+        raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
+    predictor = Predictor(args.run_dir, device=pick_device(args.device),
+                          weights=_weights_name(args.weights), procedure=args.procedure,
+                          onnx=args.onnx, **({} if args.min_confidence is None else
+                                             {"min_confidence": args.min_confidence}))
+    # One unreadable or blank image gets its own error line; the others are still predicted.
+    results = predictor.predict(args.paths, top_k=args.top_k, raw=args.raw, errors="record")
+    good = [r for r in results if "error" not in r]
+    if args.json:
+        print(json.dumps(good, indent=2))
+    else:
+        for r in good:
+            tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
+            flag = "  (unsure)" if r["unsure"] else ""
+            print(f"{r['path']}: {tops}{flag}")
+    sys.stdout.flush()
+    for r in results:
+        if "error" in r:
+            print(f"vit-mqa: error: {r['error']}", file=sys.stderr)
+    return 1 if len(good) < len(results) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import serve
+
+    if args.top_k < 1:
+        raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device, top_k=args.top_k,
+          procedure=args.procedure)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ..config.presets import DEFAULT_PRESET, PRESETS
+
+    if args.json:
+        print(json.dumps({"default": DEFAULT_PRESET, "presets": PRESETS}, indent=2))
+        return 0
+    from ..config.recipe import build_config
+
+    rows = [("preset", "dataset", "model", "epochs", "batch", "lr")]
+    for name in PRESETS:
+        config = build_config(name)  # what a run of the preset uses, defaults included
+        model, train = config["model"], config["train"]
+        stem = "" if model["stem"] == "patch" else f"{model['stem']} stem, "
+        if model["stem_convs"] != 1:
+            stem += f"{model['stem_convs']} convs per stage, "
+        shape = (f"{stem}patch {model['patch_size']}, dim {model['dim']}, depth "
+                 f"{model['depth']}, {model['num_heads']} heads / {model['num_kv_heads']} K/V, "
+                 f"{model['pooling']}")
+        rows.append((name + (" (default)" if name == DEFAULT_PRESET else ""),
+                     config["data"]["dataset"], shape, str(train["epochs"]),
+                     str(train["batch_size"]), f"{train['lr']:g}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nvit-mqa train --preset NAME; any setting can be overridden by its flag "
+          "(vit-mqa presets --json shows every setting).")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models.builtin import BUILTIN_MODELS, card_text, model_card
+
+    if args.json:
+        print(json.dumps({name: model_card(name) for name in BUILTIN_MODELS}, indent=2))
+        return 0
+    print("\n\n".join(card_text(name) for name in BUILTIN_MODELS))
+    print("\nUse a name wherever a run directory goes: vit-mqa predict vit-mqa/mnist "
+          "digit.png, vit-mqa demo vit-mqa/mnist, vit-mqa train --init-from vit-mqa/mnist; "
+          "in Python, VisionTransformer.from_pretrained(\"vit-mqa/mnist\").")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "import": cmd_import,
+    "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets,
+    "models": cmd_models, "demo": cmd_demo, "report": cmd_report,
+}

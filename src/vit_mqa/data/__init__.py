@@ -1,0 +1,2 @@
+"""Pictures and datasets: reading image files, finding the ink, preprocessing, datasets,
+augmentation."""

@@ -1,0 +1,1 @@
+"""Using a trained model: scores, calibration, attention maps and predictions."""

@@ -1,0 +1,1 @@
+"""The network and everything that makes, loads, saves, converts or exports one."""

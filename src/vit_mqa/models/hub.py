@@ -1,0 +1,182 @@
+"""Model folders and the Hugging Face Hub: what a trained model offers besides its network.
+
+A model folder is a ``config.json`` (architecture, preprocessing, class names) beside a
+``model.safetensors``, as in Hugging Face; a training run's directory is one too.
+``resolve_model_dir`` finds a folder from a path, a built-in model's name or a Hub id,
+``save_model_dir`` writes one and ``load_model`` reads one. ``PretrainedMixin`` gives the
+model class ``save_pretrained`` / ``push_to_hub`` (ModelHubMixin, through its
+``_save_pretrained`` hook) and ``from_pretrained``, and timm's fine-tuning helpers
+``reset_classifier`` and ``no_weight_decay``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from huggingface_hub import ModelHubMixin
+from torch import nn
+
+from ..checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_weights_file,
+    load_weights,
+    read_config,
+    read_weights_header,
+    save_weights,
+    write_json,
+)
+from ..config.checks import TEMPERATURE_RANGE
+from ..config.sections import ViTConfig
+from ..data.preprocess import Preprocess, run_classes, run_preprocess
+from ..errors import VitMqaError
+from .builtin import builtin_dir, is_builtin_name
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for part in parts for c in part))
+
+
+def resolve_model_dir(name_or_path: str | Path, weights: str = WEIGHTS_NAME,
+                      **hub_options: Any) -> Path:
+    """A local directory as it is; a built-in model's name ("vit-mqa/mnist") that is not a
+    local folder -> its directory inside the package; a Hub id ("user/name") -> the cached
+    snapshot holding its config.json and weights (downloaded if needed)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if is_builtin_name(name_or_path):
+        return builtin_dir(str(name_or_path))
+    if not _looks_like_repo_id(str(name_or_path)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, weights],
+                                      **hub_options))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitMqaError(f"{name_or_path} is not a local directory, and the Hugging Face "
+                          f"Hub model of that name could not be fetched ({reason})") from None
+
+
+def save_model_dir(model: nn.Module, directory: str | Path,
+                   extra_config: dict[str, Any] | None = None) -> None:
+    """config.json (architecture, preprocessing, class names, ``extra_config``) and
+    model.safetensors, each written atomically."""
+    directory = Path(directory)
+    config = {"model": model.config.to_dict(), "preprocess": model.preprocess.to_dict(),
+              "classes": list(model.classes), **(extra_config or {})}
+    save_weights(model, directory / WEIGHTS_NAME)
+    write_json(directory / CONFIG_NAME, config)
+
+
+def load_model(model_class: Callable[[ViTConfig], ModelT], directory: str | Path,
+               weights: str = WEIGHTS_NAME, map_location: str | torch.device = "cpu",
+               **hub_options: Any) -> tuple[ModelT, dict[str, Any]]:
+    """(``model_class(config)`` with the folder's weights, in eval mode; the full config
+    dict) from a run or model directory, or a Hub model id (``hub_options`` go to
+    ``huggingface_hub.snapshot_download``). The model carries the run's ``preprocess`` and
+    ``classes``."""
+    directory = resolve_model_dir(directory, weights, **hub_options)
+    config = read_config(directory)
+    path = Path(directory) / CONFIG_NAME
+    try:
+        model_config = ViTConfig.from_dict(config["model"])
+    except TypeError as e:
+        raise VitMqaError(f"{path}: malformed model config ({e})") from None
+    except VitMqaError as e:
+        raise VitMqaError(f"{path}: {e}") from None
+    preprocess = run_preprocess(config, model_config.image_size, model_config.in_channels, path)
+    classes = run_classes(config, model_config.num_classes, path)
+    path = Path(directory) / weights
+    stored = sum(math.prod(shape) for shape, _ in read_weights_header(path).values())
+    wanted = model_config.num_parameters()
+    # A config.json that asks for far more than the weights file holds (which safetensors
+    # bounds by the file's size) fails before the model is built, so that a downloaded
+    # directory cannot make the loader allocate without limit. (Cheaper than a skeleton on
+    # the meta device, whose first use imports 0.4 s of torch.)
+    if wanted > 2 * stored + (1 << 20):
+        raise VitMqaError(f"weights {path} do not match the model config: the file holds "
+                          f"{stored:,} values, the config asks for {wanted:,}")
+    model = model_class(model_config)
+    check_weights_file(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    load_weights(model, path, map_location)
+    model.preprocess, model.classes = preprocess, classes
+    return model.to(map_location).eval(), config
+
+
+class PretrainedMixin(ModelHubMixin):
+    """Hugging Face-style directories (config.json + model.safetensors) and the Hub, and
+    the helpers that adapt a trained model to fine-tuning, for a model class that has
+    ``config``, ``preprocess``, ``classes``, a linear ``head`` and ``_init_head``."""
+
+    config: ViTConfig
+    preprocess: Preprocess
+    classes: list[str]
+    head: nn.Linear
+
+    def _init_head(self) -> None:
+        raise NotImplementedError  # the model's own initialisation of a new head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` classes
+        (and record it in ``config``), e.g. to fine-tune on another label set."""
+        # Validated as a config would be (type, >= 1, parameter limit) before allocating.
+        dataclasses.replace(self.config, num_classes=num_classes)
+        old = self.head.weight
+        self.head = nn.Linear(self.config.dim, num_classes, device=old.device, dtype=old.dtype)
+        self._init_head()
+        self.config.num_classes = num_classes
+        self.classes = [str(i) for i in range(num_classes)]
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters to train without weight decay besides the 1-D ones
+        (biases, norms), as in timm."""
+        names = {"pos_embed", "cls_token"}
+        return {name for name, _ in self.named_parameters() if name in names}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Called by ModelHubMixin.save_pretrained / push_to_hub, which add a model card.
+        save_model_dir(self, save_directory)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls: type[ModelT], pretrained_model_name_or_path: str | Path, *,
+        weights: str = WEIGHTS_NAME, map_location: str | torch.device = "cpu",
+        revision: str | None = None, cache_dir: str | Path | None = None,
+        force_download: bool = False, local_files_only: bool = False,
+        token: str | bool | None = None,
+    ) -> ModelT:
+        """A model directory or run (``save_pretrained``, ``vit-mqa train``), or a model
+        on the Hugging Face Hub ("user/name", downloaded into the Hub's cache and read
+        from there when offline), in eval mode with its ``preprocess`` and ``classes``."""
+        return load_model(cls, pretrained_model_name_or_path, weights, map_location,
+                          revision=revision, cache_dir=cache_dir,
+                          force_download=force_download,
+                          local_files_only=local_files_only, token=token)[0]
+
+
+def run_temperature(config: dict[str, Any], where: object) -> float:
+    """A run's fitted temperature, checked (config.json may come from a download); 1.0
+    for runs saved without one."""
+    entry = config.get("calibration")
+    if entry is None:
+        return 1.0
+    t = entry.get("temperature") if isinstance(entry, dict) else None
+    lo, hi = TEMPERATURE_RANGE
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+            and lo <= t <= hi):
+        raise VitMqaError(f"{where}: calibration.temperature must be a number in "
+                          f"[{lo:g}, {hi:g}], got {t!r}")
+    return float(t)

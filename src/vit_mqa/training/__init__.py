@@ -1,0 +1,1 @@
+"""Training: ``train()``, its set-up, steps, optimizer, distillation and processes."""
