@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import write_image_folder
-from vit_mqa import data as data_module
+from vit_mqa.data import datasets as data_module
 from vit_mqa.data.datasets import (
     DATASETS,
     DataConfig,

@@ -11,13 +11,8 @@ import torch.nn.functional as F
 
 from tests.conftest import run_cli
 from vit_mqa import VisionTransformer, ViTConfig, VitMqaError
-from vit_mqa.models.interop import (
-    convert_kv_heads,
-    export_onnx,
-    load_external,
-    resample_pos_embed,
-    transfer_weights,
-)
+from vit_mqa.models.adapt import convert_kv_heads, resample_pos_embed, transfer_weights
+from vit_mqa.models.interop import export_onnx, load_external
 from vit_mqa.models.vit import load_model_dir, save_model_dir
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli, write_image_folder
-from vit_mqa import cli
+from vit_mqa.apps import cli
 from vit_mqa.apps.report import confident_mistakes, sample_indices, write_report
 from vit_mqa.config.recipe import build_config
 from vit_mqa.training.loop import train

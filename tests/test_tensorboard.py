@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vit_mqa import cli
+from vit_mqa.apps import cli
 from vit_mqa.config.recipe import build_config
 from vit_mqa.data.datasets import DataConfig, Split, load_data
 from vit_mqa.training.loop import train
