@@ -18,7 +18,6 @@ from pathlib import Path
 from vit_mqa.checkpoint import RESULTS_NAME, read_config
 from vit_mqa.config.recipe import build_config
 from vit_mqa.data.datasets import DataConfig, load_data
-from vit_mqa.data.preprocess import Preprocess
 from vit_mqa.evaluation.evaluate import evaluate
 from vit_mqa.models.adapt import convert_kv_heads
 from vit_mqa.models.vit import count_parameters, load_model_dir, save_model_dir
@@ -42,7 +41,7 @@ def main() -> None:
     total_steps = source_results["steps"]
     data_cfg = DataConfig(**{**config["data"], "data_dir": args.data_dir})
     data = load_data(data_cfg)
-    pre = Preprocess.from_dict(config["preprocess"])
+    pre = mha.preprocess
     heads = mha.config.num_heads
     kv_list = args.kv_heads or sorted({heads, heads // 2, 1}, reverse=True)
     extra = {k: v for k, v in read_config(args.mha_run).items() if k != "model"}

@@ -18,7 +18,6 @@ import onnxruntime as ort
 import torch
 
 from vit_mqa.data.datasets import DataConfig, load_data
-from vit_mqa.data.preprocess import Preprocess
 from vit_mqa.models.vit import load_model_dir
 
 
@@ -33,7 +32,7 @@ def main() -> None:
 
     model, config = load_model_dir(args.run_dir)
     data = load_data(DataConfig(**{**config["data"], "data_dir": args.data_dir}))
-    pre = Preprocess.from_dict(config["preprocess"])
+    pre = model.preprocess
     batches = [pre(data.test.images[i:i + args.batch_size])
                for i in range(0, len(data.test), args.batch_size)]
     opts = ort.SessionOptions()

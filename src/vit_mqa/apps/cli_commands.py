@@ -66,8 +66,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dest = _fresh_dir(args.dest)
     model, config = load_model_dir(args.source)
     converted = convert_kv_heads(model, args.kv_heads)
-    # Keep data, preprocessing and class names, so eval, predict and --init-from work.
-    extra = {k: v for k, v in config.items() if k not in ("model", "vit_mqa_version")}
+    # The model's config keeps its class names and preprocessing; the run's data settings
+    # go along so that `vit-mqa eval` finds its test set. The fitted temperature does not:
+    # it was fitted to the unconverted model's logits.
+    extra = {"data": config["data"]} if "data" in config else {}
     save_model_dir(converted, dest, {**extra, "converted_from": str(args.source),
                                      "vit_mqa_version": __version__})
     print(f"converted {args.source} ({model.config.num_kv_heads} K/V heads) -> {dest} "

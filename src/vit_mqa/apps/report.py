@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from ..checkpoint import METRICS_NAME, WEIGHTS_NAME, atomic_write_text
 from ..data.datasets import Split
-from ..data.preprocess import Preprocess
 from ..device import pick_device
 from ..errors import VitMqaError
 from ..evaluation.evaluate import classification_report, evaluate, load_run
@@ -147,7 +146,7 @@ def write_report(run_dir: str | Path, weights: str = WEIGHTS_NAME,
     metrics = read_metrics(run_dir)
     out = run_dir / REPORT_DIR
     split: Split = data.test
-    preprocess = Preprocess.from_dict(config["preprocess"])
+    preprocess = model.preprocess
 
     steps: list[tuple[str, Callable[[], None]]] = []
     written: list[Path] = []

@@ -7,6 +7,8 @@ these when made and from ``validate()``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from ..errors import MAX_IMAGE_SIDE, VitMqaError
@@ -19,6 +21,9 @@ MAX_PARAMETERS = 2_000_000_000
 
 IDX_DATASETS = ("mnist", "fashion-mnist")
 RESIZES = ("stretch", "pad", "center-crop")
+# What prediction does to people's pictures first: a resize, or a dataset's own procedure
+# (data.preprocess).
+PROCEDURES = (*RESIZES, *IDX_DATASETS)
 # Settings whose value is one of a few names; the flags list them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "stem": ("patch", "conv", "cct"),
@@ -103,6 +108,55 @@ def check_model(c: Any) -> None:
     if c.num_parameters() > MAX_PARAMETERS:
         raise VitMqaError(f"this config has {c.num_parameters():,} parameters, more "
                           f"than the limit of {MAX_PARAMETERS:,}")
+    if c.classes is not None:
+        c.classes = checked_classes(c.classes, c.num_classes)
+    if c.preprocess is not None:
+        c.preprocess = checked_preprocess(c.preprocess, c.in_channels)
+
+
+def checked_classes(classes: object, num_classes: int) -> list[str]:
+    """A model's class names: one string per output."""
+    if not (isinstance(classes, (list, tuple)) and all(isinstance(n, str) for n in classes)):
+        raise VitMqaError(f"\"classes\" must be a list of names, got {classes!r}"[:200])
+    if len(classes) != num_classes:
+        raise VitMqaError(f"config lists {len(classes)} classes but the model has "
+                          f"{num_classes} outputs")
+    return list(classes)
+
+
+PREPROCESS_KEYS = ("mean", "std", "resize", "procedure")
+
+
+def checked_preprocess(d: object, in_channels: int) -> dict[str, Any]:
+    """A model's preprocessing as its config holds it: {"mean", "std"} per channel and the
+    "resize" and "procedure" names, every value checked (a config.json may come from a
+    download)."""
+    if not isinstance(d, dict):
+        raise VitMqaError(f"\"preprocess\" must be an object, got {type(d).__name__}")
+    unknown = sorted(map(str, set(d) - set(PREPROCESS_KEYS)))
+    if unknown:
+        raise VitMqaError(f"unknown preprocess setting(s): {', '.join(unknown)}")
+    missing = [k for k in ("mean", "std") if k not in d]
+    if missing:
+        raise VitMqaError(f"\"preprocess\" has no {', '.join(missing)}")
+    for key in ("mean", "std"):
+        values = d[key]
+        if not (isinstance(values, (list, tuple)) and len(values) == in_channels and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values)):
+            raise VitMqaError(f"preprocess.{key} must be {in_channels} finite number(s), "
+                              f"got {values!r}"[:200])
+    if not all(v > 0 for v in d["std"]):
+        raise VitMqaError(f"preprocess.std must be > 0, got {list(d['std'])!r}")
+    resize, procedure = d.get("resize", "stretch"), d.get("procedure", "stretch")
+    if resize not in RESIZES:
+        raise VitMqaError(f"unknown preprocess.resize {resize!r}: use one of "
+                          f"{', '.join(RESIZES)}")
+    if procedure not in PROCEDURES:
+        raise VitMqaError(f"unknown preprocessing procedure {procedure!r}: use one of "
+                          f"{', '.join(PROCEDURES)}")
+    return {"mean": [float(v) for v in d["mean"]], "std": [float(v) for v in d["std"]],
+            "resize": resize, "procedure": procedure}
 
 
 def check_data(c: Any) -> None:
@@ -206,37 +260,42 @@ def check_train(c: Any) -> None:
                           "with single commas")
 
 
+def checked_setting(cls: type, name: str, value: Any, where: str) -> Any:
+    """``value`` if it fits the declared type of setting ``name`` of config dataclass
+    ``cls``, else a one-line error naming ``where`` it came from. This is the one type
+    check of a setting: the dataclasses run it on every field when made, and the recipe on
+    every layer it merges. Ints are accepted (and returned as floats) for float settings;
+    bools are never numbers; numbers must be finite (NaN passes every ``<`` / ``>`` range
+    check, so it is refused here). Settings of other types (``image_size``: an int or
+    [h, w]; the model's ``classes`` and ``preprocess``) are checked by their section."""
+    declared = str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
+    if value is None and "None" in declared:
+        return None
+    kinds = [part.strip() for part in declared.split("|") if part.strip() != "None"]
+    base = kinds[0] if len(kinds) == 1 else declared
+    if base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise VitMqaError(f"{where}.{name} must be a finite number, got {value}")
+        value = float(value) if ok else value
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "str":
+        ok = isinstance(value, str)
+    else:
+        return value
+    if not ok:
+        raise VitMqaError(f"{where}.{name} must be {declared}, got {value!r}")
+    return value
+
+
 def check_field_types(config: object, section: str) -> None:
-    """Every field of a config dataclass holds a value of its declared type, and every
-    number is finite: NaN passes every ``<`` / ``>`` range check, so it is refused here.
-
-    Ints are accepted for float fields; bools are never numbers. ``section`` names the
-    config in the message (e.g. "model").
-    """
-    import dataclasses
-    import math
-
+    """Every field of a config dataclass passes ``checked_setting``; ``section`` names the
+    config in the message (e.g. "model")."""
     for f in dataclasses.fields(config):  # type: ignore[arg-type]
-        value = getattr(config, f.name)
-        declared = str(f.type)
-        if value is None and "None" in declared:
-            continue
-        kinds = [part.strip() for part in declared.split("|") if part.strip() != "None"]
-        base = kinds[0] if len(kinds) == 1 else declared
-        if base == "float":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok and not math.isfinite(value):
-                raise VitMqaError(f"{section}.{f.name} must be a finite number, got {value}")
-        elif base == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif base == "bool":
-            ok = isinstance(value, bool)
-        elif base == "str":
-            ok = isinstance(value, str)
-        else:  # e.g. image_size: int or (h, w), checked by the config itself
-            continue
-        if not ok:
-            raise VitMqaError(f"{section}.{f.name} must be {declared}, got {value!r}")
+        checked_setting(type(config), f.name, getattr(config, f.name), section)
 
 
 def dataclass_from_dict(cls: type, d: object, what: str) -> Any:

@@ -19,15 +19,15 @@ from typing import Any
 
 from ..checkpoint import read_json
 from ..errors import VitMqaError
-from .checks import dataclass_from_dict
+from .checks import checked_setting, dataclass_from_dict
 from .presets import DEFAULT_PRESET, PRESETS
 from .sections import SECTIONS, DataConfig, ViTConfig
 
 RESUME_OVERRIDABLE = (("train", "epochs"), ("train", "max_steps"), ("train", "device"),
                       ("train", "eval_batch_size"), ("train", "compile"), ("data", "data_dir"),
                       ("train", "tensorboard"))
-# Taken from the data, never from a flag.
-DERIVED_MODEL_FIELDS = ("image_size", "in_channels", "num_classes")
+# Taken from the data (or the model trained on), never from a flag.
+DERIVED_MODEL_FIELDS = ("image_size", "in_channels", "num_classes", "classes", "preprocess")
 
 
 def parse_duration(text: str) -> float:
@@ -89,16 +89,7 @@ def _merge(config: dict[str, dict[str, Any]], layer: dict[str, Any], origin: str
 
 def checked_value(section: str, key: str, value: Any, origin: str) -> Any:
     """The value if its type fits the setting (ints are accepted for floats), else an error."""
-    ftype = str(next(f.type for f in dataclasses.fields(SECTIONS[section]) if f.name == key))
-    base = ftype.split("|")[0].strip()
-    if value is None and "None" in ftype:
-        return None
-    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
-    if base not in kinds:  # image_size: int or [h, w]; checked by ViTConfig itself
-        return value
-    if isinstance(value, kinds[base]) and (base == "bool" or not isinstance(value, bool)):
-        return float(value) if base == "float" else value
-    raise VitMqaError(f"{origin}: {section}.{key} must be {ftype}, got {value!r}")
+    return checked_setting(SECTIONS[section], key, value, f"{origin}: {section}")
 
 
 def build_config(preset: str | None = None, config_file: str | Path | None = None,

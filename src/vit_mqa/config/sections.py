@@ -74,6 +74,13 @@ class ViTConfig:
     """LayerNorm on queries and keys per head (stabilises large learning rates)."""
     norm_eps: float = 1e-6
     """LayerNorm epsilon (timm 1e-6; Hugging Face ViT 1e-12)."""
+    classes: list[str] | None = None
+    """Names of the outputs, in order (unset: "0", "1", ...); set from the data in
+    training, and kept by every copy of the model."""
+    preprocess: dict[str, Any] | None = None
+    """How pictures become this model's input: "mean" and "std" per channel, "resize" and
+    "procedure" (unset: pixels scaled to [-1, 1], stretched); set from the data in
+    training, and kept by every copy of the model."""
 
     def __post_init__(self) -> None:
         self.image_size = image_pair(self.image_size)
@@ -106,7 +113,7 @@ class ViTConfig:
         check_model(self)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(self)  # copies the lists and the preprocess dict
         d["image_size"] = list(self.image_size)
         return d
 

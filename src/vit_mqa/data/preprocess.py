@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ..config.checks import RESIZES
+from ..config.checks import PROCEDURES, RESIZES, checked_preprocess
 from ..errors import MAX_IMAGE_SIDE, VitMqaError
 from .images import ImageInput, image_to_tensor, load_source
 from .ink import bbox, gray_and_alpha, ink_map, robust_sigma
-
-PROCEDURES = (*RESIZES, "mnist", "fashion-mnist")
 
 
 def _resize_float(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -211,8 +207,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """From config.json's "preprocess", every field checked (it may come from a file
-        someone downloaded)."""
+        """From a config.json's "preprocess" of the layout with image size and channels,
+        every field checked (it may come from a file someone downloaded)."""
         if not isinstance(d, dict):
             raise VitMqaError(f"\"preprocess\" must be an object, got {type(d).__name__}")
         missing = [k for k in ("image_size", "in_channels", "mean", "std") if k not in d]
@@ -225,20 +221,25 @@ class Preprocess:
                               f"{MAX_IMAGE_SIDE}, got {size!r}")
         if not (_is_int(channels) and channels in (1, 3)):
             raise VitMqaError(f"preprocess.in_channels must be 1 or 3, got {channels!r}")
-        for key in ("mean", "std"):
-            values = d[key]
-            if not (isinstance(values, list) and len(values) == channels and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in values)):
-                raise VitMqaError(f"preprocess.{key} must be {channels} finite number(s), "
-                                  f"got {values!r}")
-        if not all(v > 0 for v in d["std"]):
-            raise VitMqaError(f"preprocess.std must be > 0, got {d['std']!r}")
-        resize, procedure = d.get("resize", "stretch"), d.get("procedure", "stretch")
-        if not (isinstance(resize, str) and isinstance(procedure, str)):
-            raise VitMqaError("preprocess.resize and preprocess.procedure must be names")
-        return cls((size[0], size[1]), channels, tuple(float(v) for v in d["mean"]),
-                   tuple(float(v) for v in d["std"]), resize, procedure)
+        rest = checked_preprocess({k: v for k, v in d.items()
+                                   if k not in ("image_size", "in_channels")}, channels)
+        return cls((size[0], size[1]), channels, tuple(rest["mean"]), tuple(rest["std"]),
+                   rest["resize"], rest["procedure"])
+
+    @classmethod
+    def of_model(cls, config: Any) -> Preprocess:
+        """A model's preprocessing, from its config (``ViTConfig``): its own image size and
+        channels, and the normalisation and procedure it records (unset: [-1, 1])."""
+        c = config
+        d = c.preprocess or {"mean": [0.5] * c.in_channels, "std": [0.5] * c.in_channels}
+        return cls(tuple(c.image_size), c.in_channels, tuple(d["mean"]), tuple(d["std"]),
+                   d.get("resize", "stretch"), d.get("procedure", "stretch"))
+
+    def model_config_entry(self) -> dict[str, Any]:
+        """What a model's config records of this (``ViTConfig.preprocess``): everything
+        but the size and channels, which the model's own config gives."""
+        return {"mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+                "procedure": self.procedure}
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1] (B, C, H, W) -> normalised model input."""
@@ -273,43 +274,6 @@ class Preprocess:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def run_preprocess(config: dict[str, Any], image_size: tuple[int, int], in_channels: int,
-                   where: str | Path) -> Preprocess:
-    """A run's recorded preprocessing, checked against the model it goes with; a bare
-    model directory without one gets plain [-1, 1] scaling."""
-    if "preprocess" not in config:
-        return Preprocess(tuple(image_size), in_channels, (0.5,) * in_channels,
-                          (0.5,) * in_channels)
-    try:
-        pre = Preprocess.from_dict(config["preprocess"])
-    except VitMqaError as e:
-        raise VitMqaError(f"{where}: {e}") from None
-    data = config.get("data")
-    dataset = data.get("dataset") if isinstance(data, dict) else None
-    if "procedure" not in config["preprocess"] and dataset in ("mnist", "fashion-mnist"):
-        # A run saved before the procedure was recorded: people's drawings and photos need
-        # the dataset's own normalisation, not a plain stretch.
-        pre.procedure = dataset
-    if tuple(pre.image_size) != tuple(image_size) or pre.in_channels != in_channels:
-        raise VitMqaError(f"{where}: preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
-                          f"{pre.image_size[1]} images, the model takes {in_channels}x"
-                          f"{image_size[0]}x{image_size[1]}")
-    return pre
-
-
-def run_classes(config: dict[str, Any], num_classes: int, where: str | Path) -> list[str]:
-    """A run's class names (default "0", "1", ...), one per model output."""
-    classes = config.get("classes")
-    if classes is None or classes == []:
-        return [str(i) for i in range(num_classes)]
-    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise VitMqaError(f"{where}: \"classes\" must be a list of names")
-    if len(classes) != num_classes:
-        raise VitMqaError(f"{where}: config lists {len(classes)} classes but the model has "
-                          f"{num_classes} outputs")
-    return classes
 
 
 @functools.lru_cache(maxsize=32)

@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cp
     from ..models.vit import load_model_dir
 
     model, config = load_model_dir(run_dir, weights, device)
-    if "data" not in config or "preprocess" not in config:
+    if not isinstance(config.get("data"), dict):
         raise VitMqaError(f"{run_dir} has no data settings: not a training run directory")
     where = Path(run_dir) / "config.json"
     classes = model.classes
@@ -95,7 +95,7 @@ def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cp
               "in $VIT_MQA_DATA, the cache and /usr/share/datasets", file=sys.stderr)
         data_cfg.data_dir = None
     data = load_data(data_cfg)
-    if config.get("classes") and data.classes != classes:
+    if model.config.classes is not None and data.classes != classes:
         raise VitMqaError(f"the data's classes {data.classes} differ from the run's "
                           f"{classes}")
     return model, config, data

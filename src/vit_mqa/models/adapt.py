@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,8 +91,7 @@ def convert_kv_heads(model: VisionTransformer, num_kv_heads: int) -> VisionTrans
     if num_kv_heads < 1 or c.num_kv_heads % num_kv_heads:
         raise VitMqaError(f"`num_kv_heads` {num_kv_heads} must divide the model's "
                           f"{c.num_kv_heads} K/V heads")
-    target = ViTConfig.from_dict({**c.to_dict(), "num_kv_heads": num_kv_heads})
-    converted = VisionTransformer(target)
+    converted = copy_with(model, num_kv_heads=num_kv_heads)
     state = model.state_dict()
     hd, H, old = c.dim // c.num_heads, c.num_heads, c.num_kv_heads
     for i in range(c.depth):
@@ -119,9 +118,17 @@ def resize_model(model: VisionTransformer, image_size: int | tuple[int, int]
                  ) -> VisionTransformer:
     """A copy of ``model`` for another input size: learned position embeddings are
     resampled bicubically to the new patch grid (as timm does)."""
-    config = ViTConfig.from_dict({**model.config.to_dict(), "image_size": image_size})
-    resized = VisionTransformer(config)
-    resized.load_state_dict(adapt_state_dict(model.state_dict(), model.config, config))
-    resized.classes = list(model.classes)
-    resized.preprocess = dataclasses.replace(model.preprocess, image_size=config.image_size)
+    resized = copy_with(model, image_size=image_size)
+    resized.load_state_dict(adapt_state_dict(model.state_dict(), model.config, resized.config))
     return resized.train(model.training)
+
+
+def copy_with(model: VisionTransformer, **changes: Any) -> VisionTransformer:
+    """A new, freshly initialised model of ``model``'s config with ``changes``: the one way
+    every copy here is made, so that each keeps the model's class names and preprocessing
+    (a new number of classes gets the default names)."""
+    fields = {**model.config.to_dict(), **changes}
+    names = fields.get("classes")
+    if names is not None and len(names) != fields["num_classes"]:
+        fields["classes"] = None
+    return VisionTransformer(ViTConfig.from_dict(fields))

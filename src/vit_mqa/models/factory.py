@@ -10,13 +10,12 @@ pretrained architecture is an error naming the mismatched weights.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..config.presets import DEFAULT_PRESET, PRESETS
 from ..errors import VitMqaError
-from .adapt import transfer_weights
+from .adapt import copy_with, transfer_weights
 from .builtin import BUILTIN_MODELS, preset_weights
 from .vit import VisionTransformer, ViTConfig
 
@@ -66,13 +65,8 @@ def create_model(name_or_preset: str | None = None,
         fields["num_classes"] = num_classes
     if image_size is not None:
         fields["image_size"] = image_size
-    config = ViTConfig.from_dict(fields)
     if source is None:
-        return VisionTransformer(config)
-
-    model = VisionTransformer(config)
+        return VisionTransformer(ViTConfig.from_dict(fields))
+    model = copy_with(source, **fields)  # keeps the source's class names and preprocessing
     transfer_weights(model, source, pretrained)  # refuses another channel count
-    model.preprocess = dataclasses.replace(source.preprocess, image_size=config.image_size)
-    if config.num_classes == source.config.num_classes:
-        model.classes = list(source.classes)
     return model.eval()

@@ -33,7 +33,7 @@ from ..checkpoint import (
 )
 from ..config.checks import TEMPERATURE_RANGE
 from ..config.sections import ViTConfig
-from ..data.preprocess import Preprocess, run_classes, run_preprocess
+from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
 from .builtin import builtin_dir, is_builtin_name
 
@@ -72,13 +72,52 @@ def resolve_model_dir(name_or_path: str | Path, weights: str = WEIGHTS_NAME,
 
 def save_model_dir(model: nn.Module, directory: str | Path,
                    extra_config: dict[str, Any] | None = None) -> None:
-    """config.json (architecture, preprocessing, class names, ``extra_config``) and
+    """config.json (the model's config, identity included, and ``extra_config``) and
     model.safetensors, each written atomically."""
     directory = Path(directory)
-    config = {"model": model.config.to_dict(), "preprocess": model.preprocess.to_dict(),
-              "classes": list(model.classes), **(extra_config or {})}
+    config = {"model": model.config.to_dict(), **(extra_config or {})}
     save_weights(model, directory / WEIGHTS_NAME)
     write_json(directory / CONFIG_NAME, config)
+
+
+def model_config_from(config: dict[str, Any], where: str | Path) -> ViTConfig:
+    """The model config of a config.json, checked. Folders written before the class names
+    and preprocessing moved into the "model" section keep them beside it ("classes",
+    "preprocess" with the image size and channels); they are read from there."""
+    model = config["model"]
+    try:
+        if isinstance(model, dict) and ("preprocess" not in model or "classes" not in model):
+            model = {**model, **legacy_identity(config, model)}
+        return ViTConfig.from_dict(model)
+    except TypeError as e:
+        raise VitMqaError(f"{where}: malformed model config ({e})") from None
+    except VitMqaError as e:
+        raise VitMqaError(f"{where}: {e}") from None
+
+
+def legacy_identity(config: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The class names and preprocessing that an older config.json keeps beside its
+    "model" section, in the model section's form (empty when it has none there)."""
+    found: dict[str, Any] = {}
+    if "classes" not in model and config.get("classes") not in (None, []):
+        found["classes"] = config["classes"]
+    if "preprocess" not in model and "preprocess" in config:
+        pre = Preprocess.from_dict(config["preprocess"])
+        size = model.get("image_size", ViTConfig.image_size)
+        size = tuple(size) if isinstance(size, list) else (size, size)
+        channels = model.get("in_channels", ViTConfig.in_channels)
+        if tuple(pre.image_size) != size or pre.in_channels != channels:
+            raise VitMqaError(f"preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
+                              f"{pre.image_size[1]} images, the model takes {channels}x"
+                              f"{size[0]}x{size[1]}")
+        data = config.get("data")
+        dataset = data.get("dataset") if isinstance(data, dict) else None
+        if "procedure" not in config["preprocess"] and dataset in ("mnist", "fashion-mnist"):
+            # Saved before the procedure was recorded: people's drawings and photos need the
+            # dataset's own normalisation, not a plain stretch.
+            pre.procedure = dataset
+        found["preprocess"] = pre.model_config_entry()
+    return found
 
 
 def load_model(model_class: Callable[[ViTConfig], ModelT], directory: str | Path,
@@ -86,19 +125,11 @@ def load_model(model_class: Callable[[ViTConfig], ModelT], directory: str | Path
                **hub_options: Any) -> tuple[ModelT, dict[str, Any]]:
     """(``model_class(config)`` with the folder's weights, in eval mode; the full config
     dict) from a run or model directory, or a Hub model id (``hub_options`` go to
-    ``huggingface_hub.snapshot_download``). The model carries the run's ``preprocess`` and
-    ``classes``."""
+    ``huggingface_hub.snapshot_download``). The model's config carries its class names and
+    preprocessing."""
     directory = resolve_model_dir(directory, weights, **hub_options)
     config = read_config(directory)
-    path = Path(directory) / CONFIG_NAME
-    try:
-        model_config = ViTConfig.from_dict(config["model"])
-    except TypeError as e:
-        raise VitMqaError(f"{path}: malformed model config ({e})") from None
-    except VitMqaError as e:
-        raise VitMqaError(f"{path}: {e}") from None
-    preprocess = run_preprocess(config, model_config.image_size, model_config.in_channels, path)
-    classes = run_classes(config, model_config.num_classes, path)
+    model_config = model_config_from(config, Path(directory) / CONFIG_NAME)
     path = Path(directory) / weights
     stored = sum(math.prod(shape) for shape, _ in read_weights_header(path).values())
     wanted = model_config.num_parameters()
@@ -112,18 +143,15 @@ def load_model(model_class: Callable[[ViTConfig], ModelT], directory: str | Path
     model = model_class(model_config)
     check_weights_file(path, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     load_weights(model, path, map_location)
-    model.preprocess, model.classes = preprocess, classes
     return model.to(map_location).eval(), config
 
 
 class PretrainedMixin(ModelHubMixin):
     """Hugging Face-style directories (config.json + model.safetensors) and the Hub, and
     the helpers that adapt a trained model to fine-tuning, for a model class that has
-    ``config``, ``preprocess``, ``classes``, a linear ``head`` and ``_init_head``."""
+    ``config``, a linear ``head`` and ``_init_head``."""
 
     config: ViTConfig
-    preprocess: Preprocess
-    classes: list[str]
     head: nn.Linear
 
     def _init_head(self) -> None:
@@ -133,12 +161,12 @@ class PretrainedMixin(ModelHubMixin):
         """Replace the head with a freshly initialised one for ``num_classes`` classes
         (and record it in ``config``), e.g. to fine-tune on another label set."""
         # Validated as a config would be (type, >= 1, parameter limit) before allocating.
-        dataclasses.replace(self.config, num_classes=num_classes)
+        dataclasses.replace(self.config, num_classes=num_classes, classes=None)
         old = self.head.weight
         self.head = nn.Linear(self.config.dim, num_classes, device=old.device, dtype=old.dtype)
         self._init_head()
         self.config.num_classes = num_classes
-        self.classes = [str(i) for i in range(num_classes)]
+        self.config.classes = None  # the new outputs are "0", "1", ...
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters to train without weight decay besides the 1-D ones

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import WEIGHTS_NAME
+from ..config.checks import checked_classes, checked_preprocess
 from ..config.sections import ViTConfig
 from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
@@ -249,16 +250,14 @@ class VisionTransformer(nn.Module, PretrainedMixin, library_name="vit-mqa", lice
     """A ViT whose attention has ``num_kv_heads`` shared key/value heads.
 
     ``preprocess`` turns images into this model's input (a loaded model has its run's
-    normalisation; a new one scales pixels to [-1, 1]) and ``classes`` names its outputs.
+    normalisation; a new one scales pixels to [-1, 1]) and ``classes`` names its outputs;
+    both live in ``config``, the model's one record of what it is.
     ``PretrainedMixin`` adds loading, saving and the fine-tuning helpers (model_io).
     """
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = c = config
-        self.preprocess = Preprocess(c.image_size, c.in_channels, (0.5,) * c.in_channels,
-                                     (0.5,) * c.in_channels)
-        self.classes = [str(i) for i in range(c.num_classes)]
         self.patch_embed = make_stem(c)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pooling == "cls" else None
         num_tokens = c.num_prefix_tokens + c.num_patches
@@ -281,6 +280,31 @@ class VisionTransformer(nn.Module, PretrainedMixin, library_name="vit-mqa", lice
 
     def reset_parameters(self) -> None:
         init_weights(self)
+
+    # The model's identity lives in its config, so every copy made from the config (loading,
+    # conversion, resizing, create_model) keeps it.
+    @property
+    def classes(self) -> list[str]:
+        """The names of the outputs, in order (a new model's: "0", "1", ...)."""
+        return list(self.config.classes or (str(i) for i in range(self.config.num_classes)))
+
+    @classes.setter
+    def classes(self, names: Sequence[str]) -> None:
+        self.config.classes = checked_classes(list(names), self.config.num_classes)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """What turns pictures into this model's input (a new model's: pixels to [-1, 1])."""
+        return Preprocess.of_model(self.config)
+
+    @preprocess.setter
+    def preprocess(self, pre: Preprocess) -> None:
+        c = self.config
+        if tuple(pre.image_size) != tuple(c.image_size) or pre.in_channels != c.in_channels:
+            raise VitMqaError(f"preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
+                              f"{pre.image_size[1]} images, the model takes {c.in_channels}x"
+                              f"{c.image_size[0]}x{c.image_size[1]}")
+        c.preprocess = checked_preprocess(pre.model_config_entry(), c.in_channels)
 
     def _init_head(self) -> None:  # also for reset_classifier (PretrainedMixin)
         init_head(self.head)

@@ -15,7 +15,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from .._version import __version__
-from ..checkpoint import CONFIG_NAME, TrainingProgress, read_config
+from ..checkpoint import TrainingProgress
 from ..config.sections import AugmentConfig, DataConfig, TrainConfig, ViTConfig
 from ..data.datasets import DATASETS, Data, load_data, locate_idx_dataset
 from ..data.preprocess import Preprocess
@@ -88,7 +88,10 @@ class Run:
 
 def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str | Path | None,
            data: Data | None, quiet: bool, ctx: DistContext, device: torch.device) -> Run:
-    """Data, model (from ``init_from`` when fine-tuning), optimizer and schedule."""
+    """Data, model (from ``init_from`` when fine-tuning), optimizer and schedule. The run's
+    config as recorded (``Run.config``) is a new dict: ``config`` itself is not changed."""
+    config = {**config, **{section: dict(config[section])
+                           for section in ("model", "data", "augment", "train")}}
     data_cfg = DataConfig(**config["data"])
     aug_cfg = AugmentConfig(**config["augment"])
     train_cfg = TrainConfig(**config["train"])
@@ -116,22 +119,22 @@ def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: st
         if must_download and ctx.is_main:
             distributed.barrier(ctx)
     pre = data.preprocess
-    saved = (read_config(run_dir).get("preprocess")
-             if resume and (run_dir / CONFIG_NAME).is_file() else None)
+    saved = (config["model"].get("preprocess") if resume else None)
     if (source is not None and train_cfg.init_normalization == "source"
             and source.config.in_channels == pre.in_channels):
         # The pretrained weights expect their own input statistics.
         pre = dataclasses.replace(pre, mean=source.preprocess.mean, std=source.preprocess.std)
-    elif isinstance(saved, dict):
-        recorded = Preprocess.from_dict(saved)
-        if recorded.in_channels == pre.in_channels:  # e.g. a fine-tuning run's source's
-            pre = dataclasses.replace(pre, mean=recorded.mean, std=recorded.std)
+    elif isinstance(saved, dict) and len(saved.get("mean", ())) == pre.in_channels:
+        # A resumed run keeps what it recorded (e.g. a fine-tuning run's source's).
+        pre = dataclasses.replace(pre, mean=tuple(saved["mean"]), std=tuple(saved["std"]))
 
     teacher = (load_teacher(train_cfg.teacher, pre, data.classes, device)
                if train_cfg.teacher else None)
     model_cfg = ViTConfig.from_dict(dict(config["model"], image_size=list(pre.image_size),
                                          in_channels=pre.in_channels,
-                                         num_classes=len(data.classes)))
+                                         num_classes=len(data.classes),
+                                         classes=list(data.classes),
+                                         preprocess=pre.model_config_entry()))
     config["model"] = model_cfg.to_dict()
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     model = VisionTransformer(model_cfg)
@@ -163,8 +166,7 @@ def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: st
     ddp = (torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
         if ctx.enabled else model)
-    full_config = {**config, "preprocess": pre.to_dict(), "classes": data.classes,
-                   "vit_mqa_version": __version__}
+    full_config = {**config, "vit_mqa_version": __version__}
     say(f"data: {data_cfg.dataset} from {data.source} ({len(data.train)} train, "
         f"{len(data.val)} val, {len(data.test)} test) | model: {count_parameters(model):,} "
         f"params, {model_cfg.num_heads} heads / {model_cfg.num_kv_heads} kv heads, "

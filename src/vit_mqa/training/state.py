@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text, read_config
+from ..checkpoint import CONFIG_NAME, atomic_write_text, read_config
 from ..config.recipe import resume_config
 from ..data.datasets import DATASETS
 from ..errors import VitMqaError
+from ..models.hub import legacy_identity
 
 
 def absolute_data_paths(data: dict[str, Any]) -> None:
@@ -53,4 +54,9 @@ def keep_metrics_up_to(path: Path, epoch: int) -> None:
 
 def resumed_config(run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """The run's own config; only settings that do not change the run may be overridden."""
-    return resume_config(read_config(run_dir), overrides, run_dir)
+    saved = read_config(run_dir)
+    try:
+        saved["model"] = {**saved["model"], **legacy_identity(saved, saved["model"])}
+    except VitMqaError as e:
+        raise VitMqaError(f"{run_dir / CONFIG_NAME}: {e}") from None
+    return resume_config(saved, overrides, run_dir)
