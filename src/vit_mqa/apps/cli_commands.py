@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .._version import __version__
 from ..errors import VitMqaError
@@ -23,20 +20,6 @@ def _fresh_dir(path: str) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VitMqaError(f"{out} already exists; choose a new destination")
     return out
-
-
-def _new_run_dir(stem: str) -> str:
-    """stem, or stem-2, stem-3, ...: the first that did not exist. Made here with an
-    exclusive mkdir, so that two runs started in the same second get different folders."""
-    Path(stem).parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = stem if n == 1 else f"{stem}-{n}"
-        try:
-            os.mkdir(candidate)
-            return candidate
-        except FileExistsError:
-            continue
-    raise VitMqaError(f"no free run directory name beside {stem}; pass --out DIR")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -99,10 +82,9 @@ def _weights_name(choice: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..config.recipe import build_config, field_section
-    from ..config.sections import SECTIONS
-    from ..device import launched_by_torchrun
     from ..training.loop import train
+    from ..training.setup import run_config
+    from ..training.state import default_run_dir
 
     own = {"command", "preset", "config", "out", "resume", "init_from", "quiet"}
     overrides = {k: v for k, v in vars(args).items() if k not in own}
@@ -110,25 +92,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.preset or args.config or args.out or args.init_from:
             raise VitMqaError("--resume takes its settings from the run; it cannot be combined "
                               "with --preset, --config, --out or --init-from")
-        sectioned: dict[str, Any] = {s: {} for s in SECTIONS}
-        for name, value in overrides.items():
-            sectioned[field_section(name)][name] = value
-        train(sectioned, args.resume, resume=True, quiet=args.quiet)
+        train(overrides, args.resume, resume=True, quiet=args.quiet)
         return 0
-    init_model = init_dir = None
-    if args.init_from:
-        from ..checkpoint import read_config
-        from ..models.hub import resolve_model_dir
-
-        init_dir = resolve_model_dir(args.init_from)  # a folder, or a model on the Hub
-        init_model = read_config(init_dir)["model"]
-    config = build_config(args.preset, args.config, overrides, init_model)
-    out = args.out
-    if out is None:
-        # Every torchrun process must pick the same folder: name it after the run id.
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
-        out = (f"runs/{config['preset']}-{run_id}" if run_id
-               else _new_run_dir(f"runs/{config['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    config, init_dir = run_config(args.preset, args.config, overrides, args.init_from)
+    out = args.out or default_run_dir(config["preset"])
     train(config, out, init_from=init_dir, quiet=args.quiet)
     return 0
 

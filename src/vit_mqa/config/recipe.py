@@ -92,10 +92,25 @@ def checked_value(section: str, key: str, value: Any, origin: str) -> Any:
     return checked_setting(SECTIONS[section], key, value, f"{origin}: {section}")
 
 
+def sectioned(overrides: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Overrides by section, from flat setting names ({"lr": 1e-3}, as the flags give
+    them), sections ({"train": {"lr": 1e-3}}, as config.json holds them), or both."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in (overrides or {}).items():
+        if name in SECTIONS and isinstance(value, dict):
+            out.setdefault(name, {}).update(value)
+        else:
+            out.setdefault(field_section(name), {})[name] = value
+    return out
+
+
 def build_config(preset: str | None = None, config_file: str | Path | None = None,
                  overrides: dict[str, Any] | None = None,
                  init_model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """defaults < preset < init_model < JSON config file < overrides (flat names).
+    """defaults < preset < init_model < JSON config file < overrides (flat setting names,
+    sections, or both: see ``sectioned``). The one way a run's config is made; what it
+    returns is not changed afterwards (training records it as it is, plus what the data
+    and the machine decide: image size, classes, CPU speed-ups).
 
     ``init_model`` is the "model" section of a run to start from (``--init-from``):
     its architecture replaces the preset's.
@@ -114,22 +129,25 @@ def build_config(preset: str | None = None, config_file: str | Path | None = Non
         if not isinstance(layer, dict):
             raise VitMqaError(f"config file {path} must hold a JSON object")
         _merge(config, layer, str(path))
-    for name, value in (overrides or {}).items():
-        section = field_section(name)
-        config[section][name] = checked_value(section, name, value, "override")
+    for section, values in sectioned(overrides).items():
+        for name, value in values.items():
+            if name not in config[section]:
+                raise VitMqaError(f"unknown setting {section}.{name}")
+            config[section][name] = checked_value(section, name, value, "override")
     config["preset"] = preset
     return config
 
 
-def resume_config(saved: dict[str, Any], overrides: dict[str, dict[str, Any]],
+def resume_config(saved: dict[str, Any], overrides: dict[str, Any] | None,
                   where: str | Path) -> dict[str, Any]:
-    """A run's saved config with the few settings a resume may change replaced."""
+    """A run's saved config with the few settings a resume may change replaced
+    (``overrides`` as ``build_config`` takes them)."""
     missing = [k for k in SECTIONS if not isinstance(saved.get(k), dict)]
     if missing:
         raise VitMqaError(f"cannot resume {where}: its config.json has no "
                           f"{', '.join(missing)} section (not a training run)")
     config = {k: copy.deepcopy(saved[k]) for k in (*SECTIONS, "preset") if k in saved}
-    for section, values in overrides.items():
+    for section, values in sectioned(overrides).items():
         for key, value in values.items():
             if (section, key) not in RESUME_OVERRIDABLE:
                 allowed = ", ".join(f"`{k}`" for _, k in RESUME_OVERRIDABLE)

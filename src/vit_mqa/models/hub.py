@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ from ..checkpoint import (
     save_weights,
     write_json,
 )
-from ..config.checks import TEMPERATURE_RANGE
+from ..config.checks import TEMPERATURE_RANGE, checked_classes, checked_preprocess
 from ..config.sections import ViTConfig
 from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
@@ -156,6 +156,31 @@ class PretrainedMixin(ModelHubMixin):
 
     def _init_head(self) -> None:
         raise NotImplementedError  # the model's own initialisation of a new head
+
+    # The model's identity lives in its config, so every copy made from the config (loading,
+    # conversion, resizing, create_model) keeps it.
+    @property
+    def classes(self) -> list[str]:
+        """The names of the outputs, in order (a new model's: "0", "1", ...)."""
+        return list(self.config.classes or (str(i) for i in range(self.config.num_classes)))
+
+    @classes.setter
+    def classes(self, names: Sequence[str]) -> None:
+        self.config.classes = checked_classes(list(names), self.config.num_classes)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """What turns pictures into this model's input (a new model's: pixels to [-1, 1])."""
+        return Preprocess.of_model(self.config)
+
+    @preprocess.setter
+    def preprocess(self, pre: Preprocess) -> None:
+        c = self.config
+        if tuple(pre.image_size) != tuple(c.image_size) or pre.in_channels != c.in_channels:
+            raise VitMqaError(f"preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
+                              f"{pre.image_size[1]} images, the model takes {c.in_channels}x"
+                              f"{c.image_size[0]}x{c.image_size[1]}")
+        c.preprocess = checked_preprocess(pre.model_config_entry(), c.in_channels)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for ``num_classes`` classes

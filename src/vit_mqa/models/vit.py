@@ -21,9 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import WEIGHTS_NAME
-from ..config.checks import checked_classes, checked_preprocess
 from ..config.sections import ViTConfig
-from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
 from .attention import GroupedQueryAttention
 from .hub import PretrainedMixin, load_model
@@ -281,31 +279,6 @@ class VisionTransformer(nn.Module, PretrainedMixin, library_name="vit-mqa", lice
     def reset_parameters(self) -> None:
         init_weights(self)
 
-    # The model's identity lives in its config, so every copy made from the config (loading,
-    # conversion, resizing, create_model) keeps it.
-    @property
-    def classes(self) -> list[str]:
-        """The names of the outputs, in order (a new model's: "0", "1", ...)."""
-        return list(self.config.classes or (str(i) for i in range(self.config.num_classes)))
-
-    @classes.setter
-    def classes(self, names: Sequence[str]) -> None:
-        self.config.classes = checked_classes(list(names), self.config.num_classes)
-
-    @property
-    def preprocess(self) -> Preprocess:
-        """What turns pictures into this model's input (a new model's: pixels to [-1, 1])."""
-        return Preprocess.of_model(self.config)
-
-    @preprocess.setter
-    def preprocess(self, pre: Preprocess) -> None:
-        c = self.config
-        if tuple(pre.image_size) != tuple(c.image_size) or pre.in_channels != c.in_channels:
-            raise VitMqaError(f"preprocess gives {pre.in_channels}x{pre.image_size[0]}x"
-                              f"{pre.image_size[1]} images, the model takes {c.in_channels}x"
-                              f"{c.image_size[0]}x{c.image_size[1]}")
-        c.preprocess = checked_preprocess(pre.model_config_entry(), c.in_channels)
-
     def _init_head(self) -> None:  # also for reset_classifier (PretrainedMixin)
         init_head(self.head)
 
@@ -335,12 +308,9 @@ class VisionTransformer(nn.Module, PretrainedMixin, library_name="vit-mqa", lice
         return tokens.new_full((B, N), 1.0 / N)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.config.pooling == "cls":
-            pooled = tokens[:, 0]
-        elif self.config.pooling == "mean":
-            pooled = tokens.mean(dim=1)
-        else:
-            pooled = (self.pooling_weights(tokens).unsqueeze(1) @ tokens).squeeze(1)
+        """Normalised tokens -> logits (or, with ``pre_logits``, the pooled (B, dim)): the
+        tokens averaged by ``pooling_weights``, the one description of the pooling."""
+        pooled = (self.pooling_weights(tokens).unsqueeze(1) @ tokens).squeeze(1)
         pooled = self.head_drop(pooled)
         return pooled if pre_logits else self.head(pooled)
 

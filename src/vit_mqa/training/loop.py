@@ -62,7 +62,9 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
           init_from: str | Path | None = None, data: Data | None = None,
           quiet: bool = False, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
-    """Train per ``config`` into ``run_dir``; returns the final results dict.
+    """Train per ``config`` (what ``build_config`` returns) into ``run_dir``; returns the
+    final results dict. With ``resume``, ``config`` holds only overrides of the settings a
+    resumed run may change, as ``build_config`` takes them (flat names or sections).
 
     Under torchrun every process calls this; they train one DistributedDataParallel
     model and only rank 0 prints and writes. ``init_from``: a run or model directory (or
@@ -76,12 +78,12 @@ def train(config: dict[str, Any], run_dir: str | Path, resume: bool = False,
     if run_dir.exists() and not run_dir.is_dir():
         raise VitMqaError(f"run directory {run_dir} is a file")
     config = resumed_config(run_dir, config) if resume else copy.deepcopy(config)
-    absolute_data_paths(config["data"])
-    train_cfg = TrainConfig(**config["train"])  # checked here: the device comes from it
-    ctx, device = distributed.init(train_cfg.device)
+    config = {**config, "data": absolute_data_paths(config["data"])}
+    ctx, device = distributed.init(TrainConfig(**config["train"]).device)
     if not resume:  # a resumed run keeps what it recorded
         unit = cpu_bf16_unit()
-        changed = cpu_speedups(config["train"], device, unit)
+        train_section, changed = cpu_speedups(config["train"], device, unit)
+        config = {**config, "train": train_section}
         if changed and ctx.is_main and not quiet:
             log(f"this CPU multiplies bf16 in hardware ({unit}): {' and '.join(changed)} "
                 "switched on (--no-cpu-speedups keeps them off)")

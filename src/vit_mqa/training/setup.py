@@ -15,12 +15,14 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from .._version import __version__
-from ..checkpoint import TrainingProgress
+from ..checkpoint import TrainingProgress, read_config
+from ..config.recipe import build_config
 from ..config.sections import AugmentConfig, DataConfig, TrainConfig, ViTConfig
 from ..data.datasets import DATASETS, Data, load_data, locate_idx_dataset
 from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
 from ..models.adapt import transfer_weights
+from ..models.hub import resolve_model_dir
 from ..models.vit import VisionTransformer, count_parameters
 from . import distributed
 from .distill import Teacher, load_teacher
@@ -84,6 +86,18 @@ class Run:
         states = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "scheduler": self.scheduler.state_dict()}
         return {**states, "ema": self.ema.state_dict()} if self.ema is not None else states
+
+
+def run_config(preset: str | None = None, config_file: str | Path | None = None,
+               overrides: dict[str, Any] | None = None,
+               init_from: str | Path | None = None) -> tuple[dict[str, Any], Path | None]:
+    """A new run's config (``build_config``) and, when fine-tuning, the folder of the model
+    it starts from (a path, a built-in name or a Hub id, resolved once): that model's
+    architecture replaces the preset's."""
+    if init_from is None:
+        return build_config(preset, config_file, overrides), None
+    init_dir = resolve_model_dir(init_from)
+    return build_config(preset, config_file, overrides, read_config(init_dir)["model"]), init_dir
 
 
 def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: str | Path | None,

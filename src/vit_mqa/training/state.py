@@ -5,23 +5,48 @@ keeps, metrics cut back to the last saved epoch, and the error of a diverged run
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CONFIG_NAME, atomic_write_text, read_config
 from ..config.recipe import resume_config
 from ..data.datasets import DATASETS
+from ..device import launched_by_torchrun
 from ..errors import VitMqaError
 from ..models.hub import legacy_identity
 
 
-def absolute_data_paths(data: dict[str, Any]) -> None:
-    """Data paths are recorded absolute, so that `vit-mqa eval RUN` works from any folder."""
+def absolute_data_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """The "data" section with its paths absolute (a new dict), as a run records them, so
+    that `vit-mqa eval RUN` works from any folder."""
+    data = dict(data)
     if data.get("data_dir"):
         data["data_dir"] = str(Path(data["data_dir"]).expanduser().absolute())
     dataset = data.get("dataset")
     if isinstance(dataset, str) and dataset not in DATASETS and Path(dataset).expanduser().is_dir():
         data["dataset"] = str(Path(dataset).expanduser().absolute())
+    return data
+
+
+def default_run_dir(preset: str) -> Path:
+    """Where a run goes without --out: runs/PRESET-TIME, made here (-2, -3, ... when taken,
+    so that two runs started in the same second get different folders). Every torchrun
+    process must pick the same one, so there it is named after the run id instead."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") if launched_by_torchrun() else None
+    if run_id:
+        return Path(f"runs/{preset}-{run_id}")
+    stem = f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = Path(stem if n == 1 else f"{stem}-{n}")
+        try:
+            candidate.mkdir()  # exclusive: only one process gets each name
+            return candidate
+        except FileExistsError:
+            continue
+    raise VitMqaError(f"no free run directory name beside {stem}; pass --out DIR")
 
 
 def diverged_error(run_dir: Path, epoch: int, step: int, lr: float) -> VitMqaError:
