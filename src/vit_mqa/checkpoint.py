@@ -5,7 +5,7 @@ A run directory, as written by ``vit-mqa train``::
     config.json            model, data, augment, train settings and preprocessing
     model.safetensors      weights with the best validation accuracy
     last.safetensors       weights after the latest epoch
-    training_state.pt      optimizer, scheduler, RNG states and counters, for --resume
+    training_state.pt      model, optimizer, scheduler, weight average and counters, for --resume
     metrics.jsonl          one JSON line per epoch
     results.json           final test metrics
 

@@ -144,7 +144,7 @@ class DemoModel:
 
     def analyse(self, image: Any) -> Analysis:
         """Classify one image; VitMqaError for an image with no ink."""
-        from ..evaluation.explain import attention_rollout, overlay, readout
+        from ..evaluation.explain import model_relevance, overlay
 
         p = self.predictor
         prepared = self.prepare(image)
@@ -152,11 +152,7 @@ class DemoModel:
         probs = p.probabilities(batch)[0]
         values, indices = probs.topk(self.top_k)
         top = [(p.classes[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
-        c = p.model.config
-        x = p.preprocess(batch.to(p.device))
-        maps = p.model.attention_maps(x)
-        grid = attention_rollout(maps, c.num_prefix_tokens, readout(p.model, x))[0]
-        grid = grid.reshape(c.grid_size).cpu()
+        grid = model_relevance(p.model, p.preprocess(batch.to(p.device)))[0][0].cpu()
         seen = prepared.permute(1, 2, 0).numpy()
         seen = seen[:, :, 0] if seen.shape[2] == 1 else seen
         # The heat map is blended smoothly over the input shown pixel for pixel.

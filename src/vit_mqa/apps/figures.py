@@ -16,7 +16,7 @@ from ..checkpoint import atomic_write
 from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
 from ..evaluation.calibration import reliability
-from ..evaluation.explain import attention_rollout, layer_attention, overlay, readout
+from ..evaluation.explain import model_relevance, overlay
 
 DPI = 110
 DISPLAY_SIDE = 112  # small images are enlarged (nearest) to about this before overlaying
@@ -257,12 +257,7 @@ def attention_figures(fig_class: type, model: torch.nn.Module, preprocess: Prepr
     """(rollout figure, per-layer figure) for the test images at ``indices``."""
     c = model.config
     x = preprocess(f.images[indices].to(device))
-    maps = model.attention_maps(x)
-    gh, gw = c.grid_size
-    pooling = readout(model, x)
-    rolled = attention_rollout(maps, c.num_prefix_tokens, pooling).reshape(-1, gh, gw).cpu()
-    layers = layer_attention(maps, c.num_prefix_tokens, pooling).reshape(
-        len(maps), -1, gh, gw).cpu()
+    rolled, layers = (t.cpu() for t in model_relevance(model, x))
     shown = [_display(f.images[i]) for i in indices]
     titles = []
     for i in indices:
@@ -284,9 +279,9 @@ def attention_figures(fig_class: type, model: torch.nn.Module, preprocess: Prepr
     axes[0, 0].set_ylabel("input", fontsize=9)
     axes[1, 0].set_ylabel("rollout", fontsize=9)
     _heat_colorbar(roll, axes[1, :].tolist())
-    roll.suptitle(f"Attention rollout of the {what}, {len(maps)} layers")
+    roll.suptitle(f"Attention rollout of the {what}, {len(layers)} layers")
 
-    cols = len(maps) + 2
+    cols = len(layers) + 2
     per = fig_class(figsize=(1.35 * cols, 1.45 * n + 0.9), layout="constrained")
     axes = np.atleast_1d(per.subplots(n, cols)).reshape(n, cols)
     for k in range(n):
@@ -294,7 +289,7 @@ def attention_figures(fig_class: type, model: torch.nn.Module, preprocess: Prepr
         _show(axes[k, 0], shown[k], "input" if k == 0 else None)
         axes[k, 0].set_ylabel(f"{true}\n{pred}", fontsize=8,
                               color="black" if right else "#aa3333")
-        for layer in range(len(maps)):
+        for layer in range(len(layers)):
             _show(axes[k, layer + 1], overlay(shown[k], layers[layer, k]),
                   f"layer {layer + 1}" if k == 0 else None)
         _show(axes[k, -1], overlay(shown[k], rolled[k]), "rollout" if k == 0 else None)

@@ -1,5 +1,10 @@
 """Named training recipes, as plain data: partial configs layered over the defaults.
 
+What each recipe costs and scores is measured, not written here: the comment above a
+preset says what it is for and why it is built so, and names its record (under
+``benchmarks/results/``); docs/benchmarks.md and the README's presets table give the
+figures with their machines. ``vit-mqa presets`` lists them.
+
 Each preset may set any key of the "model", "data", "augment" and "train"
 sections (see ``recipe.build_config``). Flags and JSON config files override them.
 The ViT shape presets fix width, depth and heads (Touvron et al. 2021 / Dosovitskiy
@@ -19,8 +24,8 @@ _SHAPE_TRAIN = {"epochs": 100, "batch_size": 128, "lr": 1e-3, "warmup_epochs": 5
 _WIDE_SHALLOW = {"patch_size": 7, "dim": 96, "depth": 4, "num_heads": 4, "num_kv_heads": 1,
                  "mlp_ratio": 2.0, "pooling": "mean"}
 # The model of the 20-, 30- and 60-minute presets: width 128 and depth 6 behind CCT's
-# tokenizer (742,314 parameters, 16 tokens); about 60 % of mnist-3min's images/s, so
-# that a longer budget buys capacity as well as epochs. fmnist-30min keeps the conv stem.
+# tokenizer (16 tokens), slower per image than mnist-3min's, so that a longer budget buys
+# capacity as well as epochs. fmnist-30min keeps the conv stem.
 _BUDGET_MODEL = {**_WIDE_SHALLOW, "stem": "cct", "dim": 128, "depth": 6}
 # No rotation, zoom or shift (Fashion-MNIST's clothes are centred and upright).
 _NO_GEOMETRY = {"rotate": 0.0, "scale_min": 1.0, "scale_max": 1.0, "translate": 0.0}
@@ -43,8 +48,8 @@ def _mnist_cct(model: dict[str, Any], epochs: int, lr: float, warmup: float,
                       "time_budget": seconds}}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Default: 99.03 +- 0.03 % MNIST test accuracy after 383 +- 22 s of training on a 2-core
-    # CPU (3 seeds; docs/benchmarks.md, "Time to accuracy").
+    # Default: a plain ViT that trains to a good MNIST score in minutes on a laptop CPU
+    # (docs/benchmarks.md, "Time to accuracy").
     "mnist-fast": {
         "model": {"patch_size": 7, "dim": 64, "depth": 6, "num_heads": 4, "num_kv_heads": 1,
                   "mlp_ratio": 2.0},
@@ -53,14 +58,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The 3-minute recipe: the schedule is planned for 175 s of training on the machine at
     # hand (--time-budget), so it fits 3 minutes on any CPU. CCT's convolutional tokenizer
-    # in front of a wide, shallow ViT (mean pooling, batch 128): 99.38 +- 0.03 % MNIST test
-    # accuracy after 176 +- 2 s on a 2-core Intel Xeon VM with AMX (3 seeds;
-    # docs/benchmarks.md, "Targets"). `--stem conv` gives the Xiao et al. stem (99.25 +-
-    # 0.12 % on an AMD EPYC VM), `--stem patch` the plain ViT (99.09 %, seed 0).
+    # in front of a wide, shallow ViT (mean pooling, batch 128), which beat the conv stem
+    # (`--stem conv`) and the plain ViT (`--stem patch`) at this budget (record
+    # benchmarks/results/targets/mnist-3min-cct.json).
     "mnist-3min": _mnist_cct(_WIDE_SHALLOW, epochs=40, lr=3e-3, warmup=0.5, seconds=175.0),
-    # The 3-minute recipe planned for 295 s: 99.55 +- 0.02 % MNIST test accuracy after
-    # 295 +- 1 s on a 2-core AMD EPYC (Zen 4) VM, in bf16 as it chooses by itself there (3
-    # seeds; docs/benchmarks.md, "Targets with bf16").
+    # The mnist-3min recipe planned for 295 s (record
+    # benchmarks/results/targets/mnist-5min.json).
     "mnist-5min": _mnist_cct(_WIDE_SHALLOW, epochs=40, lr=3e-3, warmup=0.5, seconds=295.0),
     # Fashion-MNIST, fast: the mnist-accurate model (patch 7) without augmentation, 6
     # epochs. Random shifts and flips slowed learning in 3-epoch trials
@@ -72,16 +75,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
     },
     # MNIST with the plain ViT (patch 7, no stem): the mnist-3min model's width and depth
-    # with a patch embedding, 30 epochs (99.35 +- 0.06 % after 12.9 minutes of training on
-    # a 2-core AMD EPYC VM, 3 seeds): the most accurate patch-embedding recipe measured.
+    # with a patch embedding, 30 epochs: the most accurate patch-embedding recipe measured
+    # (docs/benchmarks.md, "Time to accuracy").
     "mnist-accurate": {
         "model": _WIDE_SHALLOW,
         "data": {"dataset": "mnist"},
         "train": {"epochs": 30, "batch_size": 128, "lr": 3e-3},
     },
-    # Fashion-MNIST, about 21 minutes on a 2-core CPU (89.36 +- 0.54 %, 3 seeds): finer
-    # patches (49 tokens) for textures; flips and random erasing (Zhong et al. 2017)
-    # instead of rotations.
+    # Fashion-MNIST with the plain ViT: finer patches (49 tokens) for textures; flips and
+    # random erasing (Zhong et al. 2017) instead of rotations.
     "fmnist-accurate": {
         "model": {"patch_size": 4, "dim": 64, "depth": 6, "num_heads": 4, "num_kv_heads": 1,
                   "mlp_ratio": 2.0, "pooling": "mean"},
@@ -91,19 +93,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # MNIST in 20 minutes: the schedule is planned for 1,185 s of training on the machine
     # at hand. CCT's tokenizer in front of a wider, deeper ViT than mnist-3min (width 128,
-    # depth 6), trained with the default rotations, zooms and shifts. 99.58 +- 0.01 % MNIST
-    # test accuracy after 1,185 +- 2 s on a 2-core Intel Xeon VM with AMX (3 seeds; every
-    # seed passed 99.5 % after 860 +- 42 s); the conv stem gave 99.48 +- 0.07 % on an AMD
-    # EPYC VM (docs/benchmarks.md, "Targets").
+    # depth 6), trained with the default rotations, zooms and shifts; CCT's tokenizer beat
+    # the conv stem here (record benchmarks/results/targets/mnist-20min-cct.json).
     "mnist-20min": _mnist_cct(_BUDGET_MODEL, epochs=200, lr=2e-3, warmup=1.0, seconds=1185.0),
     # Fashion-MNIST in 30 minutes (planned for 1,780 s): the mnist-20min model behind the
     # conv stem, with the two levers that paid on clothing at 4 minutes, horizontal flips
     # and mixup/CutMix, no geometric augmentation, and an average of the weights (EMA over
-    # about the last 2,000 steps; the last epoch's average is tested). 93.76 +- 0.09 % test
-    # after 1,779 +- 1 s on a 2-core AMD EPYC (Zen 4) VM in bf16 (3 seeds); without the
-    # average, 93.10 +- 0.06 % in fp32 (docs/benchmarks.md, "Targets with bf16"). CCT's
-    # tokenizer, which won at 4 minutes, trains fewer epochs in 30: 92.86 % validation on
-    # a Xeon VM, below each conv-stem seed's 93.00-93.24 % (on an AMD VM).
+    # about the last 2,000 steps; the last epoch's average is tested), which paid over the
+    # best epoch (record benchmarks/results/targets/fmnist-30min-ema.json). CCT's
+    # tokenizer, which won at 4 minutes, trains fewer epochs in 30 and scored lower
+    # (fmnist-30min-stem-cct-seed0.json beside it).
     "fmnist-30min": {
         "model": {**_BUDGET_MODEL, "stem": "conv"},
         "data": {"dataset": "fashion-mnist"},
@@ -112,13 +111,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "time_budget": 1780.0, "ema_decay": 0.9995, "select": "last"},
     },
     # MNIST in 30 minutes (planned for 1,785 s): the mnist-20min model with two
-    # convolutions per stage of CCT's tokenizer (935,850 parameters), the shape augmentation
-    # of the real-digit work on top of the affine one (elastic distortion, slant, stroke
-    # width), and an average of the weights (EMA over about the last 2,000 steps; the last
-    # epoch's average is tested). 99.68 +- 0.03 % MNIST test accuracy after 1,785 +- 1 s
-    # on a 2-core AMD EPYC (Zen 4) VM in bf16 (3 seeds: 99.69, 99.65, 99.70 %); one
-    # convolution per stage gave 99.63 +- 0.03 % for the same seeds (docs/benchmarks.md,
-    # "Targets with bf16"). Planned for an hour, this family scored no higher.
+    # convolutions per stage of CCT's tokenizer, the shape augmentation of the real-digit
+    # work on top of the affine one (elastic distortion, slant, stroke width), and an
+    # average of the weights (EMA over about the last 2,000 steps; the last epoch's average
+    # is tested). The second convolution per stage raised the level, not only the pace
+    # (record benchmarks/results/targets/mnist-30min-seeds012-zen4-bf16.json); planned for an hour,
+    # this family scored no higher.
     "mnist-30min": {
         "model": {**_BUDGET_MODEL, "stem_convs": 2},
         "data": {"dataset": "mnist"},
@@ -126,11 +124,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 400, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 1.0,
                   "time_budget": 1785.0, "ema_decay": 0.9995, "select": "last"},
     },
-    # MNIST in an hour: the mnist-20min recipe planned for 3,585 s of training. 99.61 %
-    # MNIST test accuracy after 3,585 s on a 2-core Intel Xeon VM with AMX (seed 0, 74
-    # epochs): three times the epochs of mnist-20min buy 0.03 points, as the model already
-    # fits its training images to 99.90 % (docs/benchmarks.md, "Targets"); mnist-30min
-    # scores higher in half the time.
+    # MNIST in an hour: the mnist-20min recipe planned for 3,585 s of training. Three times
+    # the epochs buy little, as the model already fits its training images (record
+    # benchmarks/results/targets/mnist-60min-seed0.json); mnist-30min scores higher in
+    # half the time.
     "mnist-60min": _mnist_cct(_BUDGET_MODEL, epochs=400, lr=2e-3, warmup=1.0, seconds=3585.0),
     # The recipe of the shipped `vit-mqa/mnist` weights: the mnist-3min model for a fixed 15
     # epochs, with the augmentation that covers how real digits vary (slant, width, elastic

@@ -299,9 +299,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the training step's model (falls back to eager)."""
     cpu_speedups: bool = True
-    """On a CPU that multiplies bf16 in hardware, switch on bf16 (AVX512-BF16: 1.48-1.61x
-    the images/s on an AMD EPYC) and, with Intel AMX, compile too (19-36 % more there);
-    never where bf16 is emulated (AVX2). The run's config.json records what was used."""
+    """On a CPU that multiplies bf16 in hardware, switch on bf16 (AVX512-BF16, AMX) and,
+    with Intel AMX, compile too, where each measured faster; never where bf16 is emulated
+    (AVX2). The run's config.json records what was used."""
     seed: int = 0
     """Fixes initialisation, data order, augmentation and dropout."""
     device: str = "auto"

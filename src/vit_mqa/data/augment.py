@@ -99,11 +99,9 @@ def random_affine(images: torch.Tensor, config: AugmentConfig,
     if config.reshapes:
         # Drawn after the transform above, so that runs without these keep their draws.
         theta = _reshape_matrix(images, config, uniform) @ theta
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    if config.elastic > 0:
-        grid = grid + elastic_displacement(B, H, W, config.elastic, generator, dev, dt)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False)
+    displacement = (elastic_displacement(B, H, W, config.elastic, generator, dev, dt)
+                    if config.elastic > 0 else None)
+    return warp(images, theta, displacement)
 
 
 def _reshape_matrix(images: torch.Tensor, config: AugmentConfig,
@@ -271,9 +269,13 @@ def affine_theta(angle: torch.Tensor, scale: torch.Tensor, shift_x: torch.Tensor
     ], dim=1)
 
 
-def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample images (B, C, H, W) through affine matrices (B, 2, 3); outside is 0."""
+def warp(images: torch.Tensor, theta: torch.Tensor,
+         displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Resample images (B, C, H, W) through affine matrices (B, 2, 3), plus a per-pixel
+    ``displacement`` of the sampling grid (B, H, W, 2) when given; outside is 0."""
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

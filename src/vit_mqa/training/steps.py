@@ -24,10 +24,11 @@ def cpu_speedups(train: dict[str, Any], device: torch.device, bf16_unit: str | N
                  ) -> tuple[dict[str, Any], list[str]]:
     """Switch on what pays on this CPU in a "train" config section that asks for
     ``cpu_speedups``: bf16 autocast where the CPU multiplies bf16 in hardware, and
-    torch.compile as well with Intel AMX. Measured per training step: +19-36 % for both
-    on an AMX Xeon; on an AVX512-BF16 EPYC (Zen 4) bf16 1.48-1.61x, compile 0.89-0.98x
-    (benchmarks/step_speed.py). Returns the section as the run records it (a new dict)
-    and the names of the settings changed."""
+    torch.compile as well with Intel AMX, where both paid per training step; on AVX-512's
+    bf16 dot products (AMD Zen 4) bf16 paid and compile did not (benchmarks/step_speed.py;
+    docs/benchmarks.md, "CCT's tokenizer and sequence pooling, bf16 and torch.compile").
+    Returns the section as the run records it (a new dict) and the names of the settings
+    changed."""
     if not (train.get("cpu_speedups", True) and device.type == "cpu" and bf16_unit):
         return dict(train), []
     wanted = ("bf16", "compile") if bf16_unit == "amx_bf16" else ("bf16",)
