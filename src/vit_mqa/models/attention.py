@@ -35,24 +35,6 @@ DEFAULT_EXPLICIT_MAX_TOKENS = 32
 # The fused formulation that grouping="auto" takes per device type. On the CPU the whole
 # step measured equal both ways (docs/benchmarks.md, "Levers"). CUDA keeps the fold until
 # the native kernel is measured faster there (benchmarks/gpu.sh).
-GROUPING_BY_DEVICE`` for the device at hand. Both
-formulations are tested to agree in values and gradients; ``python
-benchmarks/throughput.py --levers native-gqa`` times one against the other on a device.
-``attention_weights(x)`` computes a layer's probabilities on their own, for
-explanations; the ordinary forward returns only the output.
-"""
-
-from __future__ import annotations
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-# Default token count up to which attention off CUDA runs as explicit matmul-softmax-matmul.
-DEFAULT_EXPLICIT_MAX_TOKENS = 32
-# The fused formulation that grouping="auto" takes per device type. On the CPU the whole
-# step measured equal both ways (docs/benchmarks.md, "Levers"). CUDA keeps the fold until the native kernel is measured faster there
-# (benchmarks/gpu.sh).
 GROUPING_BY_DEVICE: dict[str, str] = {"cpu": "fold", "cuda": "fold"}
 GROUPINGS = ("auto", "fold", "native")
 # SDPA's enable_gqa argument arrived in torch 2.5; older versions always fold.
