@@ -33,11 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from machine import describe  # noqa: E402
 
-from vit_mqa.checkpoint import (  # noqa: E402
-    atomic_write_text,
-    file_sha256,  # noqa: E402
-    write_json,
-)
+from vit_mqa.checkpoint import atomic_write_text, file_sha256, write_json  # noqa: E402
 from vit_mqa.models.builtin import BUILTIN_MODELS, CARD_NAME, PREFIX, builtin_root  # noqa: E402
 
 SEED = 0

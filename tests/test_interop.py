@@ -60,7 +60,7 @@ def test_import_cli_then_predict_and_resample(hf_dir, tmp_path):
     result = run_cli("import", str(path), str(tmp_path / "ours"))
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config["classes"][0] == "class0" and config["model"]["num_kv_heads"] == 4
+    assert config["model"]["classes"][0] == "class0" and config["model"]["num_kv_heads"] == 4
     from PIL import Image
 
     Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(tmp_path / "x.png")

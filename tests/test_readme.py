@@ -61,7 +61,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     # The fine-tuned run: the new classes, the source's normalisation, read at 28x28 gray.
     config = json.loads(Path("runs/letters/config.json").read_text())
     assert config["model"]["classes"] == ["a", "b", "c"]
-    assert config["preprocess"]["mean"] == [0.5] and config["model"]["image_size"] == [28, 28]
+    assert config["model"]["preprocess"]["mean"] == [0.5]
+    assert config["model"]["image_size"] == [28, 28]
     assert names["probe"].head.out_features == 3
     assert Path("mqa.onnx").stat().st_size > 0
     assert names["mqa"].config.num_kv_heads == 1
+    assert names["mqa"].classes == names["mha"].classes  # the identity survives conversion

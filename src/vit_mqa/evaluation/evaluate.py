@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path, weights: str, device: torch.device | str = "cp
     from ..models.vit import load_model_dir
 
     model, config = load_model_dir(run_dir, weights, device)
-    if not isinstance(config.get("data"), dict):
+    if "data" not in config:
         raise VitMqaError(f"{run_dir} has no data settings: not a training run directory")
     where = Path(run_dir) / "config.json"
     classes = model.classes
