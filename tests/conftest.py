@@ -105,7 +105,9 @@ MEMORY_LIMIT = 3 << 30  # bytes above what torch maps at import: far more than a
 
 def run_cli_cases(cases: list[list[str]], tmp_path: Path) -> list[dict]:
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # This checkout's package first: an editable install may point at another worktree.
+    path = [str(REPO / "src"), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     result = subprocess.run([sys.executable, str(HARNESS), str(MEMORY_LIMIT),
                              str(tmp_path / "cases.json"), str(tmp_path / "results.json")],
                             capture_output=True, text=True, timeout=900, env=env)

@@ -358,3 +358,14 @@ def test_page_fetches_nothing_from_the_network(demo_server, browser):
             if url.scheme not in ("data", "blob"):
                 hosts.add(url.hostname)
     assert hosts == {"127.0.0.1"}, hosts
+
+
+def test_the_demo_says_blank_for_a_blank_strip_and_reads_a_digit_in_a_strip():
+    from tests.test_predict_isolation import draw_digit
+    from vit_mqa.errors import VitMqaError
+
+    demo = DemoModel("vit-mqa/mnist")
+    # Once a numpy broadcasting error deep in the ink steps: now the page's "blank".
+    with pytest.raises(VitMqaError, match="no ink found"):
+        demo.analyse(np.full((20000, 3), 255, np.uint8))
+    assert demo.analyse(draw_digit(7, (3000, 60), height=51)).predicted == "7"

@@ -12,6 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import run_cli_cases
@@ -149,3 +150,124 @@ def test_fuzzed_runs_headers_and_images(tiny_run, digit_png, tmp_path):
     assert not failures, "\n\n".join(list(failures.values())[:8])
     # Both outcomes occur: the mutations are neither all harmless nor all fatal.
     assert outcomes["ok"] > 50 and outcomes["refused"] > 500, outcomes
+
+
+# ---------------------------------------------------------------- the picture path, in process
+
+PICTURE_MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "LA", "PA"]
+PICTURE_CASES = 160
+PICTURE_SECONDS = 6.0  # stop early past this on a slow or busy machine...
+PICTURE_MIN_CASES = 40  # ...but never with too few cases to mean anything
+_FORMATS = {"1": ["PNG", "GIF", "TIFF"], "L": ["PNG", "JPEG", "GIF", "TIFF", "WEBP"],
+            "P": ["PNG", "GIF"], "RGB": ["PNG", "JPEG", "TIFF", "WEBP"],
+            "RGBA": ["PNG", "TIFF", "WEBP"], "CMYK": ["JPEG", "TIFF"], "I;16": ["PNG", "TIFF"],
+            "I": ["TIFF"], "F": ["TIFF"], "LA": ["PNG", "TIFF"], "PA": ["TIFF"]}
+
+
+def _random_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(w, h) from 1x1 to 20000 on one side; past 2000 the other side stays thin (a
+    strip) so that memory stays bounded."""
+    long = int(np.exp(rng.uniform(0, np.log(20000))))
+    short = int(rng.integers(1, 65 if long > 2000 else min(long, 600) + 1))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
+def _random_picture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Paper (flat, noisy or a gradient) of either polarity, perhaps with a digit."""
+    from tests.test_predict_isolation import draw_digit
+
+    w, h = size
+    paper, ink = (255, 0) if rng.random() < 0.6 else (0, 255)
+    if min(w, h) >= 8 and rng.random() < 0.7:
+        img = draw_digit(int(rng.integers(10)), size, ink=ink, paper=paper)
+    else:
+        img = Image.new("L", size, paper)
+    a = np.asarray(img, dtype=np.float32)
+    kind = rng.integers(3)
+    if kind == 1:
+        a = a + rng.normal(0, float(rng.uniform(1, 60)), a.shape)
+    elif kind == 2:
+        a = a * np.linspace(float(rng.uniform(0.3, 1)), 1, w, dtype=np.float32)[None, :]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+
+
+def _in_mode(gray: Image.Image, mode: str, rng: np.random.Generator) -> Image.Image:
+    if mode in ("I;16", "I", "F"):
+        a = np.asarray(gray, dtype=np.float64) * float(rng.choice([1, 257, 1 / 255]))
+        if mode == "F" and rng.random() < 0.3:  # non-finite values where a scanner failed
+            flat = a.reshape(-1)
+            flat[rng.integers(0, flat.size, max(1, flat.size // 50))] = rng.choice(
+                [np.nan, np.inf, -np.inf])
+        if mode == "F":
+            return Image.fromarray(a.astype(np.float32), "F")
+        a = np.clip(a, 0, 65535)
+        return (Image.fromarray(a.astype(np.uint16)) if mode == "I;16"
+                else Image.fromarray(a.astype(np.int32), "I"))
+    img = gray.convert("RGB").convert(mode)
+    if mode in ("RGBA", "LA", "PA"):
+        alpha = [np.full(gray.size[::-1], 255, np.uint8),
+                 255 - np.asarray(gray),  # the ink opaque on a transparent canvas
+                 rng.integers(0, 256, gray.size[::-1], dtype=np.uint8)][int(rng.integers(3))]
+        img.putalpha(Image.fromarray(alpha, "L"))
+    return img
+
+
+def _picture_case(rng: np.random.Generator, path) -> object:
+    """A file (or sometimes an in-memory image) of a random mode, size, format, EXIF
+    orientation and frame count, perhaps truncated or corrupted."""
+    size = _random_size(rng)
+    mode = PICTURE_MODES[int(rng.integers(len(PICTURE_MODES)))]
+    frames = [_in_mode(_random_picture(rng, size), mode, rng)
+              for _ in range(1 if rng.random() < 0.75 else int(rng.integers(2, 4)))]
+    if rng.random() < 0.1:
+        return frames[0]  # in memory: a PIL image straight from a program
+    fmt = str(rng.choice(_FORMATS[mode]))
+    if fmt == "WEBP" and max(size) > 16383:
+        fmt = "PNG" if mode in ("L", "RGB", "RGBA") else "TIFF"
+    kw: dict = {"format": fmt}
+    if len(frames) > 1 and fmt in ("GIF", "TIFF", "PNG", "WEBP"):
+        kw.update(save_all=True, append_images=frames[1:])
+    if fmt in ("JPEG", "PNG", "TIFF", "WEBP") and rng.random() < 0.4:
+        exif = frames[0].getexif()
+        exif[0x0112] = int(rng.integers(1, 9))
+        kw["exif"] = exif
+    out = io.BytesIO()
+    frames[0].save(out, **kw)
+    raw = out.getvalue()
+    if rng.random() < 0.25:
+        raw = _mutate_bytes(raw, rng, len(raw))
+    path.write_bytes(raw)
+    return path
+
+
+def test_fuzzed_pictures_give_an_answer_or_one_clean_error(tmp_path):
+    """Property of the picture path (reading, ink, the MNIST procedure): a 28x28 uint8
+    image or one VitMqaError line, never another exception, whatever the picture."""
+    import time
+
+    from vit_mqa.data.preprocess import prepare
+    from vit_mqa.errors import VitMqaError
+
+    rng = np.random.default_rng(SEED)
+    start, seen = time.perf_counter(), {"ok": 0, "refused": 0}
+    problems: list[str] = []
+    for i in range(PICTURE_CASES):
+        if i >= PICTURE_MIN_CASES and time.perf_counter() - start > PICTURE_SECONDS:
+            break
+        source = _picture_case(rng, tmp_path / f"p{i}.img")
+        try:
+            out = prepare(source, (28, 28), 1, "mnist")
+        except VitMqaError as e:
+            seen["refused"] += 1
+            if "\n" in str(e) or not str(e):
+                problems.append(f"case {i}: a message of {len(str(e).splitlines())} lines")
+            if e.__cause__ is not None:  # prepare()'s last resort caught a surprise
+                problems.append(f"case {i}: {e} (from {type(e.__cause__).__name__})")
+        except Exception as e:  # the property under test: nothing else, ever
+            problems.append(f"case {i}: {type(e).__name__}: {e}")
+        else:
+            seen["ok"] += 1
+            if out.dtype != torch.uint8 or tuple(out.shape) != (1, 28, 28):
+                problems.append(f"case {i}: {out.dtype} {tuple(out.shape)}")
+    assert not problems, "\n".join(problems[:8])
+    assert seen["ok"] >= 10 and seen["refused"] >= 10, seen

@@ -374,7 +374,7 @@ def test_predict_folder_with_bad_files_through_the_cli(trained_run, digits, tmp_
     assert any("b.png: not a regular file" in line for line in err)
     assert any("no ink found in" in line and "white.png" in line for line in err)
     assert "Traceback" not in result.stderr
-    # --raw is the old behaviour; --json carries the predicted files only.
+    # --raw is the old behaviour; --json has a row per image (failed ones with "error").
     good = run_cli("predict", str(trained_run), str(folder / "0.png"), "--raw", "--json")
     assert good.returncode == 0 and json.loads(good.stdout)[0]["path"].endswith("0.png")
 

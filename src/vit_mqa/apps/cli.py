@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 
 from ..errors import VitMqaError
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # SIGTERM (kill, a job scheduler, a container stop) ends a run as Ctrl-C does: temporary
     # files are removed, the last finished epoch stays resumable, and the exit is one line.
+    # Pillow warns on stderr about a damaged file that it then refuses (or reads anyway);
+    # the refusal is the one line such a file gets, and a warning would be a second.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:

@@ -155,8 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # One unreadable or blank image gets its own error line; the others are still predicted.
     results = predictor.predict(args.paths, top_k=args.top_k, raw=args.raw, errors="record")
     good = [r for r in results if "error" not in r]
-    if args.json:
-        print(json.dumps(good, indent=2))
+    if args.json:  # every image in order, failed ones as {"path", "error"}
+        print(json.dumps(results, indent=2))
     else:
         for r in good:
             tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])

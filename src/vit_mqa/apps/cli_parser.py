@@ -160,7 +160,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_top_k(p)
     _add_weights(p)
     _add_device(p)
-    _add_json(p, "the predictions")
+    _add_json(p, "the predictions (an image that failed: its path and \"error\")")
     p.add_argument("--raw", action="store_true", help="images already in the dataset's "
                    "format: only stretch them to the model's size, skip the run's procedure")
     p.add_argument("--procedure", choices=procedures,

@@ -32,6 +32,7 @@ OVERLAY_SIDE = 224
 MISSING_GRADIO = "the demo needs gradio: pip install 'vit-mqa[demo]'"
 BLANK_MESSAGE = ("No digit found: the canvas (or image) is blank. Draw a digit and press "
                  "Classify.")
+CANNOT_CLASSIFY = "Cannot classify this image"
 
 # Set before gradio is imported: some of these are read at import time.
 _OFFLINE_ENV = {
@@ -191,6 +192,13 @@ def build_app(model: DemoModel) -> Any:
             # A blank canvas must say so, not show a confident digit.
             text = BLANK_MESSAGE if "no ink" in str(e) or "blank" in str(e) else str(e)
             return f"### {text}", None, None, None
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:
+            # One odd upload must not end in gradio's bare "Error" toast: say what failed,
+            # in a line, and the page goes on serving the next image.
+            return f"### {CANNOT_CLASSIFY}: {type(e).__name__}: {' '.join(str(e).split())}", \
+                None, None, None
         verdict = f"### Prediction: {a.predicted} ({100 * a.top[0][1]:.1f}%)"
         return verdict, dict(a.top), upscale(a.model_input), a.overlay
 

@@ -12,9 +12,12 @@ from PIL import Image
 from .images import has_alpha, to_8bit
 
 # Above this many pixels on the longer side the ink-finding steps work on a reduced copy:
-# the result is 28x28 anyway, and a 12-megapixel photo would take seconds.
+# the result is 28x28 anyway, and a 12-megapixel photo would take seconds. The shorter
+# side is kept at _MIN_WORK_SIDE or more (a strip's digit spans about its short side),
+# within _WORK_PIXELS.
 _WORK_SIDE = 512
-
+_MIN_WORK_SIDE = 64
+_WORK_PIXELS = 1 << 21
 
 
 def gray_and_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -32,11 +35,26 @@ def gray_and_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return gray, alpha
 
 
-def _shrink(a: np.ndarray, side: int) -> np.ndarray:
+def _work_scale(h: int, w: int) -> float:
+    """The factor (at most 1) an image of h x w is reduced by for the ink steps: the longer
+    side to _WORK_SIDE, unless that takes the shorter one under _MIN_WORK_SIDE. A 3000x60
+    form cell fitted to 512 px would keep its digit 10 px high, under the blur widths and
+    stroke lengths that tell a digit from noise, and be called blank."""
+    s = max(_WORK_SIDE / max(h, w), _MIN_WORK_SIDE / min(h, w))
+    return min(1.0, s, float(np.sqrt(_WORK_PIXELS / (h * w))))
+
+
+def scale_side(shape: tuple[int, ...]) -> int:
+    """The side that sets the ink steps' blur widths: the longer one, but at most four times
+    the shorter, since a digit in a strip is about as large as the strip is thin."""
+    return max(1, min(max(shape), 4 * min(shape)))
+
+
+def _shrink(a: np.ndarray) -> np.ndarray:
     h, w = a.shape
-    if max(h, w) <= side:
+    s = _work_scale(h, w)
+    if s >= 1.0:
         return a
-    s = side / max(h, w)
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return np.asarray(Image.fromarray(a.astype(np.float32)).resize(size, Image.Resampling.BOX))
 
@@ -71,7 +89,10 @@ def _enlarge(a: np.ndarray, side: int) -> np.ndarray:
 def _noise_sigma(a: np.ndarray, step: int = 1) -> float:
     """Pixel noise from the differences of pixels ``step`` apart: a stroke's edges are a
     minority of the pairs, so their median is the noise's, whatever the ink covers."""
+    step = max(1, step)  # a[0:] - a[:-0] would pair the image with nothing
     d = np.concatenate([(a[step:] - a[:-step]).ravel(), (a[:, step:] - a[:, :-step]).ravel()])
+    if d.size == 0:  # a single pixel, or a strip thinner than the step both ways
+        return 0.0
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
 
 
@@ -101,7 +122,7 @@ def ink_side(gray: np.ndarray) -> tuple[bool, float]:
     # Lighting first: against a blur a quarter of the image wide, vignetting and
     # gradients of a photo are gone, and the digit of a tight crop stays as it is.
     h, w = gray.shape
-    detrended = _box_blur(gray, 1) - _box_blur(gray, max(1, max(h, w) // 4))
+    detrended = _box_blur(gray, 1) - _box_blur(gray, max(1, scale_side(gray.shape) // 4))
     dark = detrended < _otsu(detrended)
     ch, cw = max(1, h // 6), max(1, w // 6)
     border = np.concatenate([dark[0], dark[-1], dark[1:-1, 0], dark[1:-1, -1]]).mean()
@@ -172,7 +193,6 @@ def _paper_side(ink: np.ndarray, noise: float) -> np.ndarray:
 # The smallest contrast read as ink, after blurring: 8 grey levels. Below it, an image
 # with no noise to compare against (a flat or nearly flat field) is blank.
 _MIN_CONTRAST = 8 / 255
-_MIN_WORK_SIDE = 64
 
 
 def ink_map(img: Image.Image) -> np.ndarray:
@@ -195,7 +215,7 @@ def _work_gray(img: Image.Image) -> np.ndarray:
             # Strokes of one colour on a transparent canvas: the alpha channel is the ink,
             # whatever colour the strokes were given.
             gray = alpha
-    return _enlarge(_shrink(gray, _WORK_SIDE), _MIN_WORK_SIDE)
+    return _enlarge(_shrink(gray), _MIN_WORK_SIDE)
 
 
 def _ink(gray: np.ndarray, dark_ink: bool) -> np.ndarray:
@@ -207,7 +227,7 @@ def _ink(gray: np.ndarray, dark_ink: bool) -> np.ndarray:
     # the unblurred grey levels near them. Failing that, once more three times as
     # blurred: a digit printed in separate dots (a receipt, a dot-matrix display) joins
     # up there, where noise has flattened out further still.
-    r0 = max(1, round(max(gray.shape) / 160))
+    r0 = max(1, round(scale_side(gray.shape) / 160))
     for r in (r0, 3 * r0):
         strokes = _strokes(ink, paper, r)
         if strokes is not None:

@@ -168,6 +168,28 @@ def prepare(source: ImageInput, image_size: tuple[int, int], in_channels: int,
     without ink.
     """
     check_procedure(procedure)
+    try:
+        return _prepare(source, image_size, in_channels, procedure, raw)
+    except (VitMqaError, MemoryError):
+        raise
+    except Exception as e:  # a decoder's or numpy's surprise, for one image
+        # One picture that trips an unforeseen case (a Pillow plug-in, a numpy shape edge)
+        # is that picture's error, one line, not a traceback that ends a folder's run.
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise VitMqaError(f"cannot prepare image {source_name(source)}: "
+                          f"{type(e).__name__}{': ' + detail if detail else ''}") from e
+
+
+def source_name(source: ImageInput) -> str:
+    """How an image is named in messages: its path, else its kind."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return "tensor" if isinstance(source, torch.Tensor) else \
+        "array" if isinstance(source, np.ndarray) else "image"
+
+
+def _prepare(source: ImageInput, image_size: tuple[int, int], in_channels: int,
+             procedure: str, raw: bool) -> torch.Tensor:
     img, name = load_source(source)
     if raw or procedure in RESIZES:
         out = image_to_tensor(img, image_size, in_channels, "stretch" if raw else procedure)

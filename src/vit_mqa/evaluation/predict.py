@@ -130,8 +130,9 @@ class Predictor:
         "unsure": bool} for files, {"input": position, ...} for in-memory images;
         "unsure" is a top probability (calibrated by the run's temperature) under
         ``min_confidence``. errors="record"
-        turns an unreadable or blank image into {"path"/"input": ..., "error": message}
-        instead of raising, so that the other images are still predicted.
+        turns an image that cannot be prepared (unreadable, blank, or any failure of its
+        own) into {"path"/"input": ..., "error": message} instead of raising, so that the
+        other images are still predicted.
         """
         if errors not in ("raise", "record"):
             raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
@@ -149,8 +150,9 @@ def prepare_inputs(inputs: ImageInput | Sequence[ImageInput],
     """(the start of each image's result, the prepared images) for ``inputs``, one image
     or a list of them; paths may be folders (searched recursively). A result starts as
     {"path": file} for files, {"input": position} for in-memory images; with
-    errors="record", an image that ``prepare_one`` cannot prepare (VitMqaError) gets
-    "error": message and no tensor, instead of raising."""
+    errors="record", an image that ``prepare_one`` cannot prepare, for whatever reason
+    but lack of memory, gets "error": a one-line message naming it, and no tensor,
+    instead of raising."""
     items = [inputs] if isinstance(inputs, _SINGLE) else list(inputs)
     keyed: list[tuple[dict[str, Any], ImageInput]] = []
     for n, item in enumerate(items):
@@ -169,11 +171,25 @@ def prepare_inputs(inputs: ImageInput | Sequence[ImageInput],
         try:
             tensors.append(prepare_one(item))
             results.append(dict(key))
-        except VitMqaError as e:
+        except MemoryError:
+            raise
+        except Exception as e:
+            # Any failure stays this image's own (prepare() turns surprises into
+            # VitMqaError already; a caller's prepare_one may not), named by its path.
             if errors == "raise":
                 raise
-            results.append({**key, "error": str(e)})
+            results.append({**key, "error": _naming(key, e)})
     return results, tensors
+
+
+def _naming(key: dict[str, Any], error: Exception) -> str:
+    """``error`` as one line that names the image: "<path>: <reason>" unless the message
+    names it already."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, VitMqaError):
+        text = f"{type(error).__name__}: {text}"
+    name = key["path"] if "path" in key else f"input {key['input']}"
+    return text if name in text else f"{name}: {text}"
 
 
 def add_top_k(results: list[dict[str, Any]], probabilities: torch.Tensor, classes: list[str],
