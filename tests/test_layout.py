@@ -17,9 +17,9 @@ ROOT = PACKAGE.parents[1]
 TIERS: list[tuple[str, list[str]]] = [
     ("", ["_version", "errors", "device", "checkpoint"]),
     ("config", ["presets", "checks", "sections", "recipe"]),
-    ("data", ["images", "ink", "preprocess", "printed", "augment", "datasets"]),
+    ("data", ["images", "ink", "preprocess", "printed", "augment", "datasets", "outliers"]),
     ("models", ["attention", "builtin", "hub", "vit", "adapt", "factory", "interop"]),
-    ("evaluation", ["evaluate", "calibration", "explain", "predict"]),
+    ("evaluation", ["evaluate", "predict", "calibration", "explain"]),
     ("training", ["log", "distributed", "tensorboard_log", "distill", "optim", "steps",
                   "state", "setup", "loop"]),
     ("apps", ["figures", "report", "demo", "cli_parser", "cli_commands", "cli"]),

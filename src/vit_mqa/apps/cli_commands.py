@@ -102,7 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..device import pick_device
+    from ..evaluation.calibration import declining
     from ..evaluation.evaluate import classification_report, evaluate, load_run
+    from ..evaluation.predict import none_of_these
+    from ..models.hub import run_temperature, run_thresholds
 
     device = pick_device(args.device)
     model, config, data = load_run(args.run_dir, _weights_name(args.weights), device,
@@ -110,14 +113,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = data.test if args.split == "test" else data.val
     result = evaluate(model, split, model.preprocess, device=device, tta=args.tta)
     report = classification_report(result["predictions"], split.labels, data.classes)
+    where = Path(args.run_dir) / "config.json"
+    declined = declining(result["logits"], split.labels, run_temperature(config, where),
+                         run_thresholds(config, where))
     report = {"split": args.split, "run_dir": str(args.run_dir), "tta": args.tta,
-              "loss": result["loss"], **report}
+              "loss": result["loss"], **report, "declined": declined}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     views = "" if args.tta == "none" else f", test-time augmentation {args.tta}"
     print(f"{args.split} accuracy: {100 * report['accuracy']:.2f}% on {report['num_images']} "
           f"images (loss {report['loss']:.4f}{views})")
+    d = declined
+    answered = ("" if d["answered_accuracy"] is None
+                else f"; the answered {100 * d['answered_accuracy']:.2f}% right")
+    print(f"declined as predict would: {d['unknown']} as {none_of_these(data.classes)}, "
+          f"{d['unsure']} unsure ({100 * (d['unknown'] + d['unsure']) / d['images']:.2f}% of "
+          f"the images){answered}")
     width = max(len(c) for c in data.classes)
     print("per-class accuracy:")
     for name, stats in report["per_class"].items():
@@ -144,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from ..device import pick_device
-    from ..evaluation.predict import Predictor
+    from ..evaluation.predict import Predictor, none_of_these
 
     if args.top_k < 1:
         raise VitMqaError(f"--top-k must be >= 1, got {args.top_k}")
@@ -158,10 +170,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:  # every image in order, failed ones as {"path", "error"}
         print(json.dumps(results, indent=2))
     else:
+        none = none_of_these(predictor.classes)
         for r in good:
             tops = "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
-            flag = "  (unsure)" if r["unsure"] else ""
-            print(f"{r['path']}: {tops}{flag}")
+            if r["decision"] == "unknown":  # an answer too: "none of these", not an error
+                print(f"{r['path']}: {none} (closest: {tops})")
+            else:
+                print(f"{r['path']}: {tops}{'  (unsure)' if r['unsure'] else ''}")
     sys.stdout.flush()
     for r in results:
         if "error" in r:

@@ -122,6 +122,7 @@ class Analysis:
     top: list[tuple[str, float]]
     model_input: np.ndarray
     overlay: np.ndarray
+    decision: str = "answer"  # or "unsure", or "unknown": none of the classes
 
     @property
     def predicted(self) -> str:
@@ -146,18 +147,21 @@ class DemoModel:
     def analyse(self, image: Any) -> Analysis:
         """Classify one image; VitMqaError for an image with no ink."""
         from ..evaluation.explain import model_relevance, overlay
+        from ..evaluation.predict import decide
 
         p = self.predictor
         prepared = self.prepare(image)
         batch = prepared.unsqueeze(0)
-        probs = p.probabilities(batch)[0]
+        logits = p.logits(batch)
+        decision = decide(logits, p.temperature, p.min_confidence, p.unknown_energy)[0][0]
+        probs = (logits[0] / p.temperature).softmax(dim=-1)
         values, indices = probs.topk(self.top_k)
         top = [(p.classes[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
         grid = model_relevance(p.model, p.preprocess(batch.to(p.device)))[0][0].cpu()
         seen = prepared.permute(1, 2, 0).numpy()
         seen = seen[:, :, 0] if seen.shape[2] == 1 else seen
         # The heat map is blended smoothly over the input shown pixel for pixel.
-        return Analysis(top, seen, overlay(upscale(seen), grid, alpha=0.5))
+        return Analysis(top, seen, overlay(upscale(seen), grid, alpha=0.5), decision)
 
 
 def upscale(image: np.ndarray, height: int = OVERLAY_SIDE) -> np.ndarray:
@@ -181,6 +185,8 @@ def _drawing(value: Any) -> np.ndarray | None:
 
 def build_app(model: DemoModel) -> Any:
     """The gradio Blocks page for a loaded run."""
+    from ..evaluation.predict import none_of_these
+
     gr = import_gradio()
 
     def classify(image: Any) -> tuple[Any, ...]:
@@ -199,7 +205,11 @@ def build_app(model: DemoModel) -> Any:
             # in a line, and the page goes on serving the next image.
             return f"### {CANNOT_CLASSIFY}: {type(e).__name__}: {' '.join(str(e).split())}", \
                 None, None, None
-        verdict = f"### Prediction: {a.predicted} ({100 * a.top[0][1]:.1f}%)"
+        if a.decision == "unknown":  # shown plainly instead of a digit
+            verdict = f"### {none_of_these(model.predictor.classes).capitalize()}"
+        else:
+            verdict = (f"### Prediction: {a.predicted} ({100 * a.top[0][1]:.1f}%)"
+                       + (" (unsure)" if a.decision == "unsure" else ""))
         return verdict, dict(a.top), upscale(a.model_input), a.overlay
 
     def classify_drawing(value: Any) -> tuple[Any, ...]:

@@ -178,6 +178,11 @@ def check_data(c: Any) -> None:
     if not 0 <= c.printed <= 1:
         raise VitMqaError(f"printed must be a share of the training images in [0, 1], "
                           f"got {c.printed}")
+    if not 0 <= c.num_outliers <= 1_000_000:
+        raise VitMqaError(f"num_outliers must be 0 to 1000000, got {c.num_outliers}")
+    if c.outliers and not all(part.strip() for part in c.outliers.split(",")):
+        raise VitMqaError(f"outliers {c.outliers!r} names an empty source; separate "
+                          "\"generated\" and folders with single commas")
     if c.printed and c.dataset != "mnist":
         raise VitMqaError(f"printed digits are for MNIST; dataset {c.dataset!r} "
                           "needs `printed` 0")
@@ -250,6 +255,12 @@ def check_train(c: Any) -> None:
         raise VitMqaError(f"layer_decay must be in (0, 1], got {c.layer_decay}")
     _check_choice("train", "init_normalization", c.init_normalization)
     _check_choice("train", "distill", c.distill)
+    if not (0 <= c.outlier_weight <= 10 and 0 < c.outlier_batch <= 4):
+        raise VitMqaError(f"need outlier_weight in [0, 10] and outlier_batch in (0, 4], got "
+                          f"{c.outlier_weight}, {c.outlier_batch}")
+    if not (0 <= c.decline_unknown < 0.5 and 0 <= c.decline_unsure < 0.5):
+        raise VitMqaError(f"decline_unknown and decline_unsure are shares in [0, 0.5), got "
+                          f"{c.decline_unknown}, {c.decline_unsure}")
     if not 0 <= c.distill_weight <= 1:
         raise VitMqaError(f"distill_weight must be in [0, 1], got {c.distill_weight}")
     if not 0.1 <= c.distill_temperature <= 100:

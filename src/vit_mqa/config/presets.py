@@ -132,20 +132,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The recipe of the shipped `vit-mqa/mnist` weights: the mnist-3min model for a fixed 15
     # epochs, with the augmentation that covers how real digits vary (slant, width, elastic
     # distortion, stroke width, low-resolution round trips, blur, contrast) and 15 % printed
-    # digits rendered from the DejaVu and Liberation fonts (docs/pretrained.md).
+    # digits rendered from the DejaVu and Liberation fonts, and pictures that are no digit
+    # (letters, scribbles, shapes, textures, pairs of digits) to answer "not a digit" for
+    # (docs/pretrained.md).
     "mnist-pretrained": {
         "model": {**_WIDE_SHALLOW, "stem": "cct"},
-        "data": {"dataset": "mnist", "printed": 0.15},
+        "data": {"dataset": "mnist", "printed": 0.15, "outliers": "generated"},
         "augment": {"slant": 15.0, "aspect": 1.25, "elastic": 3.0, "stroke": 1.0,
                     "lowres": 0.3, "blur": 1.0, "contrast": 0.2},
         "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 0.5},
     },
     # The recipe of the shipped `vit-mqa/fashion-mnist` weights: the mnist-3min model (CCT's
     # tokenizer, which beat the conv stem per epoch on clothing) for a fixed 15 epochs with
-    # flips and mixup/CutMix on half the batches (docs/pretrained.md).
+    # flips and mixup/CutMix on half the batches, and digits, letters and other pictures
+    # that are no clothing to answer "none of these" for (docs/pretrained.md).
     "fmnist-pretrained": {
         "model": {**_WIDE_SHALLOW, "stem": "cct"},
-        "data": {"dataset": "fashion-mnist"},
+        "data": {"dataset": "fashion-mnist", "outliers": "generated"},
         "augment": {**_NO_GEOMETRY, "hflip": 0.5, "mixup": 0.8, "cutmix": 1.0,
                     "mix_prob": 0.5},
         "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "warmup_epochs": 1.0},

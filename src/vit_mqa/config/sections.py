@@ -175,6 +175,15 @@ class DataConfig:
     into MNIST's format and shipped with vit-mqa) added to the training images, as a
     share of their number (0.05: 2,750 more, each render repeated); validation and test
     stay MNIST's."""
+    outliers: str = ""
+    """Pictures of none of the classes, so that the model learns to answer "none of
+    these" (outlier exposure, Hendrycks et al. 2019): "generated" (letters and symbols
+    from the training fonts, scribbles, shapes, textures, pairs of digits; for 28x28 grey
+    data; a model of other classes gets single digits too), a folder of pictures
+    (searched recursively, read as prediction reads pictures), or both separated by a
+    comma; "" = off."""
+    num_outliers: int = 12000
+    """How many pictures "generated" makes (a tenth is kept back to check the threshold)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -343,6 +352,17 @@ class TrainConfig:
     layer_decay: float = 1.0
     """Below 1, each block's learning rate is lr * layer_decay ** (blocks above it + 1);
     the head keeps lr (Clark et al. 2020; BEiT)."""
+    outlier_weight: float = 0.5
+    """Weight of the loss on the `outliers` (cross-entropy toward a uniform prediction)
+    beside the loss on the classes."""
+    outlier_batch: float = 0.5
+    """Outlier pictures in each step, as a share of the batch."""
+    decline_unknown: float = 0.01
+    """Share of the validation images (as stored and augmented) that the fitted "none of
+    these" threshold may decline; fitted only when the run trains with `outliers`."""
+    decline_unsure: float = 0.02
+    """Share of the validation images (as stored and augmented) under the fitted "unsure"
+    threshold of the calibrated top probability; 0 keeps the fixed 50 %."""
     init_normalization: str = "source"
     """With --init-from: "source" normalises inputs with the pretrained model's mean and
     std, "data" recomputes them from this data."""

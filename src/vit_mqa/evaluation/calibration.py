@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config.checks import TEMPERATURE_RANGE
+from .predict import energy
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -88,13 +89,46 @@ def calibration_record(logits: torch.Tensor, labels: torch.Tensor,
             "ece_after": reliability(after, labels)["ece"]}
 
 
+def fit_thresholds(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   decline_unknown: float, decline_unsure: float,
+                   outlier_logits: torch.Tensor | None = None) -> dict[str, Any]:
+    """The thresholds `predict` declines by, fitted on validation logits: "unknown_energy",
+    above which a picture is "none of these" (the energy of the ``decline_unknown`` share
+    of these images that look least like the classes; only given ``outlier_logits``, the
+    held-back outliers, whose declined share is reported), and "unsure_below", the
+    calibrated top probability under which an answer is unsure (the ``decline_unsure``
+    quantile). Also what they decline of these images, and of their mistakes."""
+    e = energy(logits, temperature)
+    top = (logits.float() / temperature).softmax(dim=1).max(dim=1).values
+    declined = torch.zeros_like(top, dtype=torch.bool)
+    record: dict[str, Any] = {}
+    if decline_unknown > 0 and outlier_logits is not None and len(outlier_logits):
+        tau = float(torch.quantile(e.double(), 1 - decline_unknown))
+        record["unknown_energy"] = tau
+        record["outliers_declined"] = float(
+            (energy(outlier_logits, temperature) > tau).double().mean())
+        record["outliers_checked"] = int(len(outlier_logits))
+        declined |= e > tau
+    if decline_unsure > 0:
+        record["unsure_below"] = float(torch.quantile(top.double(), decline_unsure))
+        declined |= top < record["unsure_below"]
+    wrong = logits.argmax(dim=1) != labels
+    record["declined"] = float(declined.double().mean())
+    record["mistakes_declined"] = (float((declined & wrong).sum() / wrong.sum())
+                                   if wrong.any() else None)
+    return record
+
+
 def fit_on_split(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  preprocess: Any, augment_config: Any, seed: int,
-                 device: torch.device, batch_size: int = 1000, bf16: bool = False
-                 ) -> dict[str, Any]:
+                 device: torch.device, batch_size: int = 1000, bf16: bool = False,
+                 outliers: torch.Tensor | None = None, decline_unknown: float = 0.0,
+                 decline_unsure: float = 0.0) -> dict[str, Any]:
     """The calibration record of ``model`` fitted on a held-out split (uint8 images): the
     images as stored and, when ``augment_config`` changes images, once more augmented
-    by it (seeded), so that the temperature also fits inputs unlike the clean split."""
+    by it (seeded), so that the temperature also fits inputs unlike the clean split; then
+    the thresholds of ``fit_thresholds`` on the same images (``outliers``: held-back
+    pictures of none of the classes, uint8)."""
     from ..data.augment import augment
     from .evaluate import predict_logits
 
@@ -111,4 +145,53 @@ def fit_on_split(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         logits.append(torch.cat(views))
         targets.append(labels)
         fitted_on += " and once more with the run's augmentation"
-    return calibration_record(torch.cat(logits), torch.cat(targets), fitted_on)
+    all_logits, all_labels = torch.cat(logits), torch.cat(targets)
+    record = calibration_record(all_logits, all_labels, fitted_on)
+    outlier_logits = (predict_logits(model, outliers, preprocess, batch_size, device, bf16)
+                      if outliers is not None and len(outliers) else None)
+    record["thresholds"] = fit_thresholds(all_logits, all_labels, record["temperature"],
+                                          decline_unknown, decline_unsure, outlier_logits)
+    return record
+
+
+def threshold_summary(t: dict[str, Any]) -> str:
+    """One line on what the fitted thresholds decline, for the training log."""
+    parts = []
+    if "unknown_energy" in t:
+        parts.append(f"none of these above energy {t['unknown_energy']:.2f} "
+                     f"({100 * t['outliers_declined']:.1f} % of {t['outliers_checked']} "
+                     "held-back outliers)")
+    if "unsure_below" in t:
+        parts.append(f"unsure under {100 * t['unsure_below']:.1f} %")
+    if not parts:
+        return "thresholds: none fitted (unsure under the fixed 50 %)"
+    caught = ("" if t["mistakes_declined"] is None
+              else f", {100 * t['mistakes_declined']:.0f} % of their mistakes")
+    return (f"thresholds: {'; '.join(parts)}: {100 * t['declined']:.1f} % of the validation "
+            f"images declined{caught}")
+
+
+def declining(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+              thresholds: dict[str, float]) -> dict[str, Any]:
+    """What `predict` would decline of these labelled images, with a run's temperature
+    and thresholds (``run_thresholds``): how many as "none of these" and as unsure, and
+    how accurate the answered ones are; "coverage" is accuracy against the share answered,
+    for every threshold on the calibrated top probability (the report draws it)."""
+    from .predict import DEFAULT_MIN_CONFIDENCE, decide
+
+    decisions, _ = decide(logits, temperature,
+                          thresholds.get("unsure_below", DEFAULT_MIN_CONFIDENCE),
+                          thresholds.get("unknown_energy"))
+    answered = torch.tensor([d == "answer" for d in decisions])
+    right = logits.argmax(dim=1) == labels
+    top = (logits.float() / temperature).softmax(dim=1).max(dim=1).values
+    order = top.argsort(descending=True)
+    kept = torch.arange(1, len(order) + 1)
+    steps = torch.linspace(0, len(order) - 1, min(len(order), 101)).long()
+    curve = right[order].double().cumsum(0) / kept
+    return {"images": len(decisions),
+            "unknown": sum(d == "unknown" for d in decisions),
+            "unsure": sum(d == "unsure" for d in decisions),
+            "answered_accuracy": (float(right[answered].double().mean())
+                                  if answered.any() else None),
+            "coverage": [[float(kept[i]) / len(order), float(curve[i])] for i in steps]}

@@ -20,7 +20,7 @@ from ..checkpoint import WEIGHTS_NAME
 from ..data.images import list_images
 from ..data.preprocess import ImageInput, Preprocess, check_procedure, prepare
 from ..errors import VitMqaError
-from ..models.hub import run_temperature
+from ..models.hub import run_temperature, run_thresholds
 from ..models.vit import load_model_dir
 
 _SINGLE = (str, Path, Image.Image, np.ndarray, torch.Tensor)
@@ -29,6 +29,32 @@ _SINGLE = (str, Path, Image.Image, np.ndarray, torch.Tensor)
 # A calibrated top probability under this is more likely wrong than right: "unsure".
 # A calibrated top probability under one half: the model is more likely wrong than right.
 DEFAULT_MIN_CONFIDENCE = 0.5
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """-T * logsumexp(logits / T) per row (Liu et al. 2020): low for inputs like the
+    training classes, high for what is none of them."""
+    return -temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+
+
+def none_of_these(classes: Sequence[str]) -> str:
+    """How a declined picture is named: "not a digit" for a digit model, else "none of
+    these"."""
+    return "not a digit" if list(classes) == [str(i) for i in range(10)] else "none of these"
+
+
+def decide(logits: torch.Tensor, temperature: float, min_confidence: float,
+           unknown_energy: float | None) -> tuple[list[str], torch.Tensor]:
+    """Each row's decision, "answer", "unsure" or "unknown" (none of the classes), and
+    its energy (higher: less like the classes), from logits (N, classes): "unknown" above
+    ``unknown_energy``, else "unsure" under a calibrated top probability of
+    ``min_confidence``."""
+    e = energy(logits, temperature)
+    top = (logits.float() / temperature).softmax(dim=-1).max(dim=-1).values
+    decisions = ["unknown" if unknown_energy is not None and v > unknown_energy
+                 else "unsure" if p < min_confidence else "answer"
+                 for v, p in zip(e.tolist(), top.tolist())]
+    return decisions, e
 
 
 class Predictor:
@@ -47,15 +73,20 @@ class Predictor:
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu",
                  weights: str = WEIGHTS_NAME, batch_size: int = 256,
                  procedure: str | None = None, onnx: str | Path | None = None,
-                 min_confidence: float = DEFAULT_MIN_CONFIDENCE) -> None:
-        if not 0 <= min_confidence <= 1:
+                 min_confidence: float | None = None) -> None:
+        if min_confidence is not None and not 0 <= min_confidence <= 1:
             raise VitMqaError(f"min_confidence must be in [0, 1], got {min_confidence}")
         self.device = torch.device(device)
         self.model, config = load_model_dir(run_dir, weights, self.device)
+        where = Path(str(run_dir)) / "config.json"
         # Logits are divided by the run's fitted temperature (1 for runs without one), so
-        # that a top probability under min_confidence means "more likely wrong than right".
-        self.temperature = run_temperature(config, Path(str(run_dir)) / "config.json")
-        self.min_confidence = min_confidence
+        # that probabilities are calibrated; the thresholds fitted with it decide "unsure"
+        # and "none of these" (runs without them: unsure under 50 %, never "unknown").
+        self.temperature = run_temperature(config, where)
+        thresholds = run_thresholds(config, where)
+        self.unknown_energy: float | None = thresholds.get("unknown_energy")
+        self.min_confidence = (min_confidence if min_confidence is not None
+                               else thresholds.get("unsure_below", DEFAULT_MIN_CONFIDENCE))
         # ``onnx``: the network runs from this file in onnxruntime (an `export --int8`
         # file, say); the run still gives the classes and the preprocessing.
         self.session = _onnx_session(onnx, self.model) if onnx is not None else None
@@ -90,36 +121,27 @@ class Predictor:
         return files, torch.stack([self.prepare(f, raw) for f in files])
 
     @torch.inference_mode()
-    def probabilities(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 images (N, C, H, W) at the model's size -> class probabilities (N, classes)."""
+    def logits(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) at the model's size -> float32 logits (N, classes)."""
         self.model.eval()
         out = []
         for start in range(0, images_uint8.shape[0], self.batch_size):
             chunk = images_uint8[start:start + self.batch_size]
             if self.session is not None:
-                out.append(onnx_probabilities(self.session, chunk, self.preprocess,
-                                              self.temperature))
+                out.append(onnx_logits(self.session, chunk, self.preprocess))
             else:
-                logits = self.model(self.preprocess(chunk.to(self.device)))
-                out.append((logits.float() / self.temperature).softmax(dim=-1).cpu())
+                out.append(self.model(self.preprocess(chunk.to(self.device))).float().cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def probabilities(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) at the model's size -> calibrated class probabilities
+        (N, classes)."""
+        return (self.logits(images_uint8) / self.temperature).softmax(dim=-1)
 
     def evaluate_folder(self, root: str | Path, raw: bool = False) -> dict[str, Any]:
         """Accuracy on a folder of images laid out root/<class name>/..., after the run's
         procedure (or raw). Unreadable or blank images count as wrong and are listed."""
-        root = check_class_folders(root, self.classes)
-        correct, total, failed = 0, 0, []
-        for index, name in enumerate(self.classes):
-            if not (root / name).is_dir() or not list_images([root / name]):
-                continue
-            results = self.predict([root / name], top_k=1, raw=raw, errors="record")
-            total += len(results)
-            failed += [r["error"] for r in results if "error" in r]
-            correct += sum(r["top"][0]["index"] == index for r in results if "top" in r)
-        if total == 0:
-            raise VitMqaError(f"no images found under {root}/<class>/")
-        return {"accuracy": correct / total, "correct": correct, "num_images": total,
-                "failed": failed}
+        return folder_accuracy(self, root, raw)
 
     def predict(self, inputs: ImageInput | Sequence[ImageInput], top_k: int = 5,
                 raw: bool = False, errors: str = "raise") -> list[dict[str, Any]]:
@@ -127,9 +149,11 @@ class Predictor:
 
         inputs: one image or a list of them; paths may be folders (searched recursively).
         Each result is {"path": ..., "top": [{"class", "index", "probability"}, ...],
-        "unsure": bool} for files, {"input": position, ...} for in-memory images;
-        "unsure" is a top probability (calibrated by the run's temperature) under
-        ``min_confidence``. errors="record"
+        "unsure": bool, "decision": ..., "energy": float} for files, {"input": position,
+        ...} for in-memory images; "unsure" is a top probability (calibrated by the run's
+        temperature) under ``min_confidence``; "decision" is "unknown" (none of the
+        classes: an energy above the run's fitted threshold), else "unsure", else
+        "answer". A declined picture is an answer, not an error. errors="record"
         turns an image that cannot be prepared (unreadable, blank, or any failure of its
         own) into {"path"/"input": ..., "error": message} instead of raising, so that the
         other images are still predicted.
@@ -139,9 +163,31 @@ class Predictor:
         results, tensors = prepare_inputs(inputs, lambda item: self.prepare(item, raw), errors)
         ok = [r for r in results if "error" not in r]
         if tensors:
-            probs = self.probabilities(torch.stack(tensors))
-            add_top_k(ok, probs, self.classes, top_k, self.min_confidence)
+            logits = self.logits(torch.stack(tensors))
+            add_top_k(ok, (logits / self.temperature).softmax(dim=-1), self.classes, top_k,
+                      self.min_confidence)
+            decisions, energies = decide(logits, self.temperature, self.min_confidence,
+                                         self.unknown_energy)
+            for r, decision, e in zip(ok, decisions, energies.tolist()):
+                r["decision"], r["energy"] = decision, e
         return results
+
+
+def folder_accuracy(predictor: Predictor, root: str | Path, raw: bool) -> dict[str, Any]:
+    """``Predictor.evaluate_folder``."""
+    root = check_class_folders(root, predictor.classes)
+    correct, total, failed = 0, 0, []
+    for index, name in enumerate(predictor.classes):
+        if not (root / name).is_dir() or not list_images([root / name]):
+            continue
+        results = predictor.predict([root / name], top_k=1, raw=raw, errors="record")
+        total += len(results)
+        failed += [r["error"] for r in results if "error" in r]
+        correct += sum(r["top"][0]["index"] == index for r in results if "top" in r)
+    if total == 0:
+        raise VitMqaError(f"no images found under {root}/<class>/")
+    return {"accuracy": correct / total, "correct": correct, "num_images": total,
+            "failed": failed}
 
 
 def prepare_inputs(inputs: ImageInput | Sequence[ImageInput],
@@ -241,9 +287,9 @@ def _onnx_session(path: str | Path, model: torch.nn.Module) -> Any:
     return session
 
 
-def onnx_probabilities(session: Any, images_uint8: torch.Tensor, preprocess: Preprocess,
-                       temperature: float) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> class probabilities (N, classes), the network run by an
+def onnx_logits(session: Any, images_uint8: torch.Tensor, preprocess: Preprocess
+                ) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 logits (N, classes), the network run by an
     onnxruntime ``session``."""
     # All in numpy: a torch operation between onnxruntime calls leaves torch's threads
     # spinning while onnxruntime works, which halved its throughput on 2 cores.
@@ -251,6 +297,4 @@ def onnx_probabilities(session: Any, images_uint8: torch.Tensor, preprocess: Pre
     mean = np.asarray(p.mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(p.std, dtype=np.float32).reshape(1, -1, 1, 1)
     x = (images_uint8.numpy().astype(np.float32) / 255 - mean) / std
-    logits = session.run(None, {"images": x})[0].astype(np.float64) / temperature
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return torch.from_numpy((e / e.sum(axis=1, keepdims=True)).astype(np.float32))
+    return torch.from_numpy(session.run(None, {"images": x})[0].astype(np.float32))

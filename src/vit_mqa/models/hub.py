@@ -220,6 +220,29 @@ class PretrainedMixin(ModelHubMixin):
                           local_files_only=local_files_only, token=token)[0]
 
 
+def run_thresholds(config: dict[str, Any], where: object) -> dict[str, float]:
+    """A run's fitted decision thresholds, checked: "unknown_energy" (above it, none of
+    the classes) and "unsure_below" (a calibrated top probability); each absent when the
+    run has none."""
+    entry = config.get("calibration")
+    found = entry.get("thresholds") if isinstance(entry, dict) else None
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise VitMqaError(f"{where}: calibration.thresholds must be an object")
+    out = {}
+    for key, lo, hi in (("unknown_energy", -1e6, 1e6), ("unsure_below", 0.0, 1.0)):
+        value = found.get(key)
+        if value is None:
+            continue
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and lo <= value <= hi):
+            raise VitMqaError(f"{where}: calibration.thresholds.{key} must be a number in "
+                              f"[{lo:g}, {hi:g}], got {value!r}")
+        out[key] = float(value)
+    return out
+
+
 def run_temperature(config: dict[str, Any], where: object) -> float:
     """A run's fitted temperature, checked (config.json may come from a download); 1.0
     for runs saved without one."""

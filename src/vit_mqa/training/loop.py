@@ -41,7 +41,7 @@ from ..config.sections import TrainConfig
 from ..data.datasets import Data
 from ..device import cpu_bf16_unit
 from ..errors import VitMqaError
-from ..evaluation.calibration import fit_on_split
+from ..evaluation.calibration import fit_on_split, threshold_summary
 from ..evaluation.evaluate import report_from_confusion
 from ..models.vit import count_parameters
 from . import distributed
@@ -49,7 +49,14 @@ from .distributed import all_reduce_sum
 from .log import log
 from .setup import EpochHook, Run, setup_run
 from .state import absolute_data_paths, diverged_error, keep_metrics_up_to, resumed_config
-from .steps import compile_model, cpu_speedups, make_batch, sharded_eval, training_step
+from .steps import (
+    compile_model,
+    cpu_speedups,
+    make_batch,
+    outlier_batch,
+    sharded_eval,
+    training_step,
+)
 from .tensorboard_log import TensorBoardLogger
 
 
@@ -208,6 +215,9 @@ def _train_epoch(run: Run, step_model: torch.nn.Module, images: torch.Tensor,
     aug_gen.manual_seed(_epoch_seed(cfg.seed, epoch, 1 + 2 * ctx.rank))
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, 2 + 2 * ctx.rank))
     order = torch.randperm(len(run.data.train), generator=data_gen).to(device)
+    outliers = run.outliers[0] if run.outliers is not None else None
+    outlier_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 1000 + ctx.rank))
+    outlier_count = max(1, round(cfg.outlier_batch * run.local_batch))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -222,9 +232,13 @@ def _train_epoch(run: Run, step_model: torch.nn.Module, images: torch.Tensor,
         start = i * cfg.batch_size + ctx.rank * run.local_batch
         x, y = make_batch(images, labels, order[start:start + run.local_batch], run.pre,
                           run.aug_cfg, aug_gen, len(run.data.classes))
+        x_out = None
+        if outliers is not None:
+            pick = torch.randint(len(outliers), (outlier_count,), generator=outlier_gen)
+            x_out = outlier_batch(outliers, pick.to(device), run.pre, run.aug_cfg, aug_gen)
         # DDP averages gradients across ranks: the global-batch gradient.
         loss, logits = training_step(step_model, run.optimizer, x, y, cfg, autocast,
-                                     run.teacher)
+                                     run.teacher, x_out)
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update_parameters(run.model)
@@ -340,15 +354,20 @@ def _final_test(run: Run, train_time: float) -> dict[str, Any]:
     if run.ctx.is_main:
         # Fitted on validation images only: the test split stays untouched by any choice.
         # On fp32 logits, as `predict` computes them.
+        cfg = run.train_cfg
         calibration = fit_on_split(run.eval_model, run.data.val.images, run.data.val.labels,
-                                   run.pre, run.aug_cfg, run.train_cfg.seed, run.device,
-                                   run.train_cfg.eval_batch_size, bf16=False)
+                                   run.pre, run.aug_cfg, cfg.seed, run.device,
+                                   cfg.eval_batch_size, bf16=False,
+                                   outliers=run.outliers[1] if run.outliers else None,
+                                   decline_unknown=cfg.decline_unknown,
+                                   decline_unsure=cfg.decline_unsure)
         results["calibration"] = calibration
         write_json(run.run_dir / CONFIG_NAME, {**run.config, "calibration": calibration})
         write_json(run.run_dir / RESULTS_NAME, results)
         run.say(f"calibration: temperature {calibration['temperature']:.3f} (validation NLL "
                 f"{calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f} on "
                 f"{calibration['images']} images)")
+        run.say(threshold_summary(calibration["thresholds"]))
     chosen = "best" if run.train_cfg.select == "best" else "last"
     run.say(f"test accuracy {100 * results['test_accuracy']:.2f}% ({chosen} epoch "
             f"{progress.best_epoch}, val {100 * progress.best_val_accuracy:.2f}%) in "

@@ -19,6 +19,7 @@ from ..checkpoint import TrainingProgress, read_config
 from ..config.recipe import build_config
 from ..config.sections import AugmentConfig, DataConfig, TrainConfig, ViTConfig
 from ..data.datasets import DATASETS, Data, load_data, locate_idx_dataset
+from ..data.outliers import load_outliers
 from ..data.preprocess import Preprocess
 from ..errors import VitMqaError
 from ..models.adapt import transfer_weights
@@ -61,6 +62,8 @@ class Run:
     progress: TrainingProgress = dataclasses.field(default_factory=TrainingProgress)
     # The best weights so far, kept in memory: no shared disk is needed between processes.
     best_weights: dict[str, torch.Tensor] | None = None
+    # Pictures of none of the classes (`outliers`): training's (on the device), held back.
+    outliers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -133,6 +136,10 @@ def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: st
         if must_download and ctx.is_main:
             distributed.barrier(ctx)
     pre = data.preprocess
+    outliers = None
+    if data_cfg.outliers:
+        train_part, held = load_outliers(data_cfg, data, train_cfg.seed)
+        outliers = (train_part.to(device), held)
     saved = (config["model"].get("preprocess") if resume else None)
     if (source is not None and train_cfg.init_normalization == "source"
             and source.config.in_channels == pre.in_channels):
@@ -191,4 +198,4 @@ def setup_run(config: dict[str, Any], run_dir: Path, resume: bool, init_from: st
     return Run(full_config, run_dir, train_cfg, aug_cfg, data, pre, ctx, device, model, ddp,
                 optimizer, scheduler, schedule,
                 make_ema(model, train_cfg.ema_decay) if train_cfg.ema_decay else None,
-                teacher, steps_per_epoch, say, quiet)
+                teacher, steps_per_epoch, say, quiet, outliers=outliers)

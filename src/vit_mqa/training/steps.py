@@ -85,19 +85,37 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, pr
     return pre.normalize(x), y
 
 
+def outlier_batch(outliers: torch.Tensor, idx: torch.Tensor, pre: Preprocess,
+                  aug_cfg: AugmentConfig, aug_gen: torch.Generator) -> torch.Tensor:
+    """Outlier pictures (uint8, on the device) at ``idx``, augmented as the classes' images
+    are (no mixing: they have no labels to mix) and normalised."""
+    return pre.normalize(augment(outliers[idx].float().div_(255.0), aug_cfg, aug_gen))
+
+
+def outlier_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy toward the uniform prediction (Hendrycks et al. 2019): the mean over
+    classes of -log p, smallest when the model favours none of them."""
+    return -logits.float().log_softmax(dim=1).mean(dim=1).mean()
+
+
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                   y: torch.Tensor, cfg: TrainConfig, autocast: torch.autocast,
-                  teacher: Teacher | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  teacher: Teacher | None = None, x_outliers: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch: forward, loss, backward, clipping, update. ``y``
     holds class indices or soft targets (mixup / CutMix); label smoothing applies to both.
     With a ``teacher``, the loss is blended with the loss on its answers for the same
-    batch (``distill``). Returns the loss and the logits, both still on the device (no
-    synchronisation)."""
+    batch (``distill``). ``x_outliers``, pictures of none of the classes, go through the
+    same forward pass and add ``outlier_weight`` times ``outlier_loss``. Returns the loss
+    and the classes' logits, both still on the device (no synchronisation)."""
     with autocast:
-        logits = model(x)
+        both = model(x if x_outliers is None else torch.cat([x, x_outliers]))
+        logits = both[:len(x)]
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if teacher is not None:
             loss = distillation_loss(logits.float(), loss, teacher(x), cfg)
+        if x_outliers is not None:
+            loss = loss + cfg.outlier_weight * outlier_loss(both[len(x):])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
