@@ -103,7 +103,7 @@ def test_analysis_of_a_cct_model_with_sequence_pooling(tmp_path):
 
 def test_missing_gradio_is_one_line_and_help_does_not_import_it():
     code = ("import sys; sys.modules['gradio'] = None\n"  # makes `import gradio` fail
-            "from vit_mqa import cli\n"
+            "from vit_mqa.apps import cli\n"
             "try:\n    cli.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
             "assert sys.modules['gradio'] is None, 'demo --help imported gradio'\n"
             "sys.exit(cli.main(['demo', 'no-such-run']))\n")

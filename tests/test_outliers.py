@@ -147,3 +147,23 @@ def test_an_outlier_source_that_is_neither_is_one_line(tmp_path, tiny_folder):
     with pytest.raises(VitMqaError, match="empty source"):
         from vit_mqa.config.sections import DataConfig
         DataConfig(outliers="generated,")
+
+
+def test_calibrate_refits_the_same_thresholds_and_takes_other_shares(outlier_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(outlier_run[0], run)
+    before = json.loads((run / "config.json").read_text())["calibration"]
+    result = run_cli("calibrate", str(run))
+    assert result.returncode == 0, result.stderr
+    again = json.loads((run / "config.json").read_text())["calibration"]
+    assert again["thresholds"] == before["thresholds"]  # the same fit as at training's end
+    result = run_cli("calibrate", str(run), "--decline-unsure", "0.2")
+    assert result.returncode == 0 and "unsure under" in result.stdout, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["decline_unsure"] == 0.2
+    assert config["calibration"]["thresholds"]["unsure_below"] > before["thresholds"][
+        "unsure_below"]
+    bad = run_cli("calibrate", str(run), "--decline-unsure", "0.7")
+    assert bad.returncode == 1 and "decline_unsure" in bad.stderr.replace("-", "_")

@@ -47,7 +47,8 @@ def test_wheel_holds_the_package_only(wheel):
     assert wheel.name.startswith(f"vit_mqa-{vit_mqa.__version__}-py3-none-any")
     assert all(n.startswith(("vit_mqa/", dist_info)) for n in names), sorted(
         n for n in names if not n.startswith(("vit_mqa/", dist_info)))
-    assert "vit_mqa/py.typed" in names and "vit_mqa/model.py" in names
+    assert "vit_mqa/py.typed" in names and "vit_mqa/models/vit.py" in names
+    assert "vit_mqa/assets/printed-letters.npz" in names
     shipped = re.compile(r"vit_mqa/pretrained/[a-z-]+/(config|card)\.json")
     assert not any("/results/" in n or n.endswith((".json", ".jsonl", ".ipynb", ".png"))
                    for n in names if not shipped.fullmatch(n))

@@ -20,8 +20,8 @@ from vit_mqa.training.loop import train
 
 pytest.importorskip("matplotlib")
 
-FIGURES = {"curves.png", "confusion.png", "per_class.png", "reliability.png", "mistakes.png",
-           "attention_rollout.png", "attention_layers.png"}
+FIGURES = {"curves.png", "confusion.png", "per_class.png", "reliability.png", "coverage.png",
+           "mistakes.png", "attention_rollout.png", "attention_layers.png"}
 
 
 def check_report(report_dir, expected=FIGURES):
@@ -48,7 +48,7 @@ def test_report_of_a_trained_run(trained_run, data_root, tmp_path):
     result = run_cli("report", str(run), "--data-dir", str(data_root), "--device", "cpu",
                      "--samples", "4", timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "wrote 7 figures" in result.stdout
+    assert "wrote 8 figures" in result.stdout
     page = check_report(run / "report")
     results = json.loads((run / "results.json").read_text())
     # The same test accuracy as the run's own final evaluation.
@@ -70,7 +70,7 @@ def test_report_of_a_pooled_rgb_run(tmp_path, stem, pooling, phrase):
     run = tmp_path / "run"
     train(config, run, quiet=True)
     paths = write_report(run, samples=3, mistakes=5, progress=False)
-    assert paths[-1] == run / "report" / "index.html" and len(paths) == 8
+    assert paths[-1] == run / "report" / "index.html" and len(paths) == 9
     page = check_report(run / "report")
     assert phrase in page and "CLS token" not in page and f"{stem} stem" in page
     with Image.open(run / "report" / "attention_rollout.png") as im:

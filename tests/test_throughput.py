@@ -32,7 +32,8 @@ def forward_flops(shape: bench.Shape, kv: int) -> int:
     qkv = 2 * T * D * (H + 2 * kv) * hd
     attention = 2 * 2 * H * T * T * hd  # scores and weighted values
     block = qkv + attention + 2 * T * D * D + 2 * 2 * T * D * M
-    return patch + shape.depth * block + 2 * D * shape.num_classes
+    pooling = 2 * T * D  # the tokens weighted by pooling_weights (one-hot for CLS)
+    return patch + shape.depth * block + pooling + 2 * D * shape.num_classes
 
 
 @pytest.mark.parametrize("kv", [1, 2, 4])

@@ -144,6 +144,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..device import pick_device
+    from ..evaluation.calibration import recalibrate, threshold_summary
+
+    calibration = recalibrate(args.run_dir, args.decline_unknown, args.decline_unsure,
+                              args.data_dir, pick_device(args.device))
+    print(f"{args.run_dir}: temperature {calibration['temperature']:.3f}; "
+          f"{threshold_summary(calibration['thresholds'])}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from ..device import pick_device
     from .report import write_report
@@ -239,5 +250,5 @@ def cmd_models(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "import": cmd_import,
     "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets,
-    "models": cmd_models, "demo": cmd_demo, "report": cmd_report,
+    "models": cmd_models, "demo": cmd_demo, "report": cmd_report, "calibrate": cmd_calibrate,
 }

@@ -153,6 +153,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "figures (default: 10)")
     r.add_argument("--seed", type=int, default=0, help="chooses the sample images (default: 0)")
 
+    k = sub.add_parser("calibrate", help="fit a run's temperature and its thresholds for "
+                       "unsure and none of these again, on its validation images")
+    k.add_argument("run_dir", metavar="RUN_DIR", help="a training run's folder")
+    for flag, share in (("--decline-unknown", "none of these"), ("--decline-unsure", "unsure")):
+        k.add_argument(flag, type=float, metavar="SHARE", help=f"share of the validation "
+                       f"images to decline as {share} (default: the run's setting)")
+    k.add_argument("--data-dir", help="where the dataset files are (default: the run's, then "
+                   "the lookup order)")
+    _add_device(k)
+
     p = sub.add_parser("predict", help="classify image files or folders of images")
     p.add_argument("run_dir", **run_dir)
     p.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+",

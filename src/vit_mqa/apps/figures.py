@@ -195,6 +195,25 @@ def plot_reliability(fig_class: type, logits: torch.Tensor, labels: torch.Tensor
     return fig
 
 
+def plot_coverage(fig_class: type, declined: dict[str, Any]) -> Any:
+    """Accuracy against coverage on the test split: the answers kept, most confident first,
+    and the point where the run's thresholds stand (``calibration.declining``)."""
+    share, accuracy = zip(*declined["coverage"])
+    fig = fig_class(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([100 * s for s in share], [100 * a for a in accuracy], color="#4477aa")
+    kept = 1 - (declined["unknown"] + declined["unsure"]) / declined["images"]
+    if declined["answered_accuracy"] is not None:
+        ax.plot([100 * kept], [100 * declined["answered_accuracy"]], "o", color="#cc6677",
+                label=f"the run's thresholds: {declined['unknown']} none of these, "
+                      f"{declined['unsure']} unsure")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel("test images answered (%), most confident first")
+    ax.set_ylabel("accuracy of the answered (%)")
+    ax.set_title("Accuracy against coverage (test split)")
+    return fig
+
+
 def confident_mistakes(probabilities: torch.Tensor, labels: torch.Tensor,
                        count: int) -> torch.Tensor:
     """Indices of the ``count`` wrong predictions made with the highest probability

@@ -33,13 +33,15 @@ from ..checkpoint import METRICS_NAME, WEIGHTS_NAME, atomic_write_text
 from ..data.datasets import Split
 from ..device import pick_device
 from ..errors import VitMqaError
+from ..evaluation.calibration import declining
 from ..evaluation.evaluate import classification_report, evaluate, load_run
-from ..models.hub import run_temperature
+from ..models.hub import run_temperature, run_thresholds
 from .figures import (
     Figures,
     attention_figures,
     figure_class,
     plot_confusion,
+    plot_coverage,
     plot_curves,
     plot_mistakes,
     plot_per_class,
@@ -189,6 +191,14 @@ def write_report(run_dir: str | Path, weights: str = WEIGHTS_NAME,
          "calibration error, the bins' gap to the diagonal weighted by their images.",
          lambda: plot_reliability(fig_class, state["logits"], state["figures"].labels,
                                   temperature))
+    thresholds = run_thresholds(config, run_dir / "config.json")
+    emit("coverage.png", "Knowing when not to answer",
+         "Test split: the accuracy of the answers kept when the least confident are "
+         "declined, and where the thresholds fitted on validation images stand (what "
+         "`vit-mqa predict` declines: an energy above the \"none of these\" threshold, or "
+         "a calibrated top probability under the unsure one).",
+         lambda: plot_coverage(fig_class, declining(state["logits"], state["figures"].labels,
+                                                    temperature, thresholds)))
     emit("mistakes.png", "Most confident mistakes",
          "Wrong test predictions with the highest predicted probability.",
          lambda: plot_mistakes(fig_class, state["figures"], mistakes))

@@ -18,6 +18,7 @@ Prediction divides the logits by it and flags a top probability under
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,3 +196,33 @@ def declining(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
             "answered_accuracy": (float(right[answered].double().mean())
                                   if answered.any() else None),
             "coverage": [[float(kept[i]) / len(order), float(curve[i])] for i in steps]}
+
+
+def recalibrate(run_dir: str | Path, decline_unknown: float | None = None,
+                decline_unsure: float | None = None, data_dir: str | None = None,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Fit a finished run's temperature and thresholds again, as training does at its end
+    (the same validation split, augmentation, seed and held-back outliers), with other
+    shares to decline when given, and record them in its config.json (the train settings
+    too, so that the file says how they were fitted). Returns the new calibration."""
+    from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, write_json
+    from ..config.sections import AugmentConfig, DataConfig, TrainConfig
+    from ..data.outliers import load_outliers
+    from .evaluate import load_run
+
+    model, config, data = load_run(run_dir, WEIGHTS_NAME, device, data_dir)
+    train = {**config["train"]}
+    for key, value in (("decline_unknown", decline_unknown), ("decline_unsure", decline_unsure)):
+        if value is not None:
+            train[key] = value
+    cfg = TrainConfig(**train)  # checks the new shares
+    data_cfg = DataConfig(**{**config["data"], **({"data_dir": data_dir} if data_dir else {})})
+    held = load_outliers(data_cfg, data, cfg.seed)[1] if data_cfg.outliers else None
+    calibration = fit_on_split(model, data.val.images, data.val.labels, model.preprocess,
+                               AugmentConfig(**config["augment"]), cfg.seed,
+                               torch.device(device), cfg.eval_batch_size, outliers=held,
+                               decline_unknown=cfg.decline_unknown,
+                               decline_unsure=cfg.decline_unsure)
+    write_json(Path(run_dir) / CONFIG_NAME, {**config, "train": train,
+                                             "calibration": calibration})
+    return calibration
