@@ -257,6 +257,9 @@ def build_app(model: DemoModel) -> Any:
     return app
 
 
+MAX_UPLOAD = "20mb"
+
+
 def _check_address(host: str, port: int) -> None:
     """One clear line for a busy port or an address this machine does not have (gradio's
     own message talks about its launch() arguments)."""
@@ -290,7 +293,10 @@ def serve(run_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_POR
     app = build_app(model)
     _, url, _ = app.launch(server_name=host, server_port=port, share=False, quiet=True,
                            prevent_thread_lock=True, ssr_mode=False, mcp_server=False,
-                           inbrowser=False, show_error=True)
+                           inbrowser=False, show_error=True,
+                           # A photo is a few MB; far larger is refused at once with a
+                           # message, rather than read into memory first.
+                           max_file_size=MAX_UPLOAD)
     print(f"vit-mqa demo: {run_dir} served at {url} (Ctrl+C to stop)", flush=True)
     try:
         app.block_thread()
