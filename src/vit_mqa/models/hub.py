@@ -4,9 +4,9 @@ A model folder is a ``config.json`` (architecture, preprocessing, class names) b
 ``model.safetensors``, as in Hugging Face; a training run's directory is one too.
 ``resolve_model_dir`` finds a folder from a path, a built-in model's name or a Hub id,
 ``save_model_dir`` writes one and ``load_model`` reads one. ``PretrainedMixin`` gives the
-model class ``save_pretrained`` / ``push_to_hub`` (ModelHubMixin, through its
-``_save_pretrained`` hook) and ``from_pretrained``, and timm's fine-tuning helpers
-``reset_classifier`` and ``no_weight_decay``.
+model class ``save_pretrained`` (with a Hub model card) / ``push_to_hub`` and
+``from_pretrained``, the model's identity (``classes``, ``preprocess``, kept in its config),
+and timm's fine-tuning helpers ``reset_classifier`` and ``no_weight_decay``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from ..checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    atomic_write_text,
     check_weights_file,
     load_weights,
     read_config,
@@ -146,13 +146,66 @@ def load_model(model_class: Callable[[ViTConfig], ModelT], directory: str | Path
     return model.to(map_location).eval(), config
 
 
-class PretrainedMixin(ModelHubMixin):
+def model_card(metadata: dict[str, Any]) -> str:
+    """A README.md model card for the Hub: its metadata as YAML front matter."""
+    lines = ["---"]
+    for key, value in metadata.items():
+        if isinstance(value, list):
+            lines += [f"{key}:", *(f"- {v}" for v in value)]
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join([*lines, "---", "", "A Vision Transformer whose query heads share "
+                      "their keys and values (multi-query / grouped-query attention), made "
+                      "with [vit-mqa](https://pypi.org/project/vit-mqa/):", "", "```python",
+                      "from vit_mqa import VisionTransformer", "",
+                      'model = VisionTransformer.from_pretrained("this/repo")', "```", ""])
+
+
+class PretrainedMixin:
     """Hugging Face-style directories (config.json + model.safetensors) and the Hub, and
     the helpers that adapt a trained model to fine-tuning, for a model class that has
-    ``config``, a linear ``head`` and ``_init_head``."""
+    ``config``, a linear ``head`` and ``_init_head``. The Hub's own package is imported
+    only to push or download: reading a local folder and predicting do without it."""
 
     config: ViTConfig
     head: nn.Linear
+    card_metadata: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **metadata: Any) -> None:
+        # The model card's metadata, given in the class statement (library_name, tags, ...).
+        super().__init_subclass__()
+        cls.card_metadata = {**cls.card_metadata, **metadata}
+
+    def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False,
+                        repo_id: str | None = None, **push_options: Any) -> str | None:
+        """config.json, model.safetensors and a README.md model card (kept if there is
+        one) in ``save_directory``; with ``push_to_hub``, also uploaded to ``repo_id``
+        (default: the folder's name). Returns the upload's URL when pushed."""
+        directory = Path(save_directory)
+        save_model_dir(self, directory)
+        card = directory / "README.md"
+        if not card.exists():
+            atomic_write_text(card, model_card(self.card_metadata))
+        if push_to_hub:
+            return self.push_to_hub(repo_id or directory.name, **push_options)
+        return None
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload vit-mqa model",
+                    **upload_options: Any) -> str:
+        """Save into a temporary folder and upload it to the Hub repository ``repo_id``
+        (made if missing); returns the commit's URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(repo_id=repo, folder_path=tmp,
+                                     commit_message=commit_message, **upload_options)
+        return str(info)
 
     def _init_head(self) -> None:
         raise NotImplementedError  # the model's own initialisation of a new head
@@ -199,12 +252,8 @@ class PretrainedMixin(ModelHubMixin):
         names = {"pos_embed", "cls_token"}
         return {name for name, _ in self.named_parameters() if name in names}
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        # Called by ModelHubMixin.save_pretrained / push_to_hub, which add a model card.
-        save_model_dir(self, save_directory)
-
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls: type[ModelT], pretrained_model_name_or_path: str | Path, *,
         weights: str = WEIGHTS_NAME, map_location: str | torch.device = "cpu",
         revision: str | None = None, cache_dir: str | Path | None = None,
