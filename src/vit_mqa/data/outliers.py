@@ -216,7 +216,8 @@ def generated_outliers(count: int, seed: int, digits: np.ndarray | None = None,
 
 def load_outliers(config: Any, data: Data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(training, held-back) outlier pictures for a run of ``config`` (its DataConfig) on
-    ``data``: uint8 (N, C, H, W) at the data's size and channels, shuffled by ``seed``,
+    ``data``: uint8 (N, C, H, W) at the data's size and channels, each as the run's own
+    procedure makes a picture of it, shuffled by ``seed``,
     a tenth held back to check the fitted threshold. A folder's pictures go through the
     run's own procedure (as `vit-mqa predict` reads pictures); one that cannot be read is
     an error naming it."""
@@ -247,8 +248,15 @@ def _generated_for(config: Any, data: Data, size: tuple[int, int], channels: int
     else:  # another model's classes: digits are none of them, as are their pairs
         arrays, _ = load_idx_dataset(DATASETS["mnist"], config.data_dir, config.download)
         digits, single = arrays["train-images"][:20000], True
-    pics = torch.from_numpy(generated_outliers(config.num_outliers, config.split_seed, digits,
-                                               single)).unsqueeze(1)
+    made = generated_outliers(config.num_outliers, config.split_seed, digits, single)
+    procedure = data.preprocess.procedure
+    if procedure != "mnist":
+        # Made in MNIST's form; another model sees pictures through its own procedure
+        # (Fashion-MNIST's fills the frame, centred), so each goes through it, drawn as
+        # dark ink on paper, as a picture of it would come.
+        return torch.stack([prepare(Image.fromarray(255 - pic).resize((56, 56)), size,
+                                    channels, procedure) for pic in made])
+    pics = torch.from_numpy(made).unsqueeze(1)
     if tuple(size) != (28, 28):
         pics = F.interpolate(pics.float(), size=tuple(size), mode="bilinear",
                              align_corners=False).round().clamp(0, 255).to(torch.uint8)
