@@ -44,10 +44,19 @@ SUMMARIES = {
 }
 
 
-def train(name: str, data_dir: str | None, out: Path) -> int:
+# `train --fine-tune`: the shipped model trained on further with its preset's data and
+# augmentation, "not a digit" / "none of these" pictures included (outlier exposure, as
+# Hendrycks et al. fine-tune a trained model), instead of a run from scratch.
+FINE_TUNES = {"mnist": ["--epochs", "4", "--lr", "5e-4", "--warmup-epochs", "0.2"],
+              "fashion-mnist": ["--epochs", "3", "--lr", "1e-3", "--warmup-epochs", "0.2"]}
+
+
+def train(name: str, data_dir: str | None, out: Path, fine_tune: str | None = None) -> int:
     preset = BUILTIN_MODELS[PREFIX + name]
     command = [sys.executable, "-m", "vit_mqa", "train", "--preset", preset, "--seed",
                str(SEED), "--out", str(out)]
+    if fine_tune:
+        command += ["--init-from", fine_tune, *FINE_TUNES[name]]
     if data_dir:
         command += ["--data-dir", data_dir]
     return subprocess.run(command).returncode
@@ -103,8 +112,29 @@ def _predicted_sample(name: str, target: Path, data_dir: str | None) -> dict[str
             "accuracy": float(right), "images": 1000}
 
 
+def _declines(path: Path | None) -> list[dict[str, Any]]:
+    """Card figures of what the model declines, from a declines benchmark's record."""
+    if path is None:
+        return []
+    record = json.loads(path.read_text())
+    if "not_digits" in record:  # benchmarks/none_of_these.py
+        rows = [("pictures that are no digit, in styles it never trained on (letters in "
+                 "held-out fonts, drawn letters, clothing, scenes, drawn objects)",
+                 record["not_digits"]["all not-digits"]),
+                ("real digits from elsewhere (real_styles.py's 14 styles and UCI)",
+                 record["digits"]["all digits"])]
+    else:  # benchmarks/fashion_declines.py
+        rows = [(f"{source} (benchmarks/fashion_declines.py)", row)
+                for source, row in record["sources"].items()]
+    return [{"what": what, "declined": row["declined"], "images": row["images"],
+             **({"answered_accuracy": row["answered_accuracy"]}
+                if row.get("answered_accuracy") is not None else {}),
+             "command": record.get("command")} for what, row in rows]
+
+
 def export(name: str, run_dir: Path, people: Path | None, real: Path | None,
-           heldout: Path | None, data_dir: str | None, shared_cpu: bool) -> int:
+           heldout: Path | None, data_dir: str | None, shared_cpu: bool,
+           declines: Path | None = None, fine_tuned: bool = False) -> int:
     results = json.loads((run_dir / "results.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     if config.get("preset") != BUILTIN_MODELS[PREFIX + name] or config["train"]["seed"] != SEED:
@@ -122,8 +152,9 @@ def export(name: str, run_dir: Path, people: Path | None, real: Path | None,
     card = {
         "name": PREFIX + name, "summary": SUMMARIES[name],
         "preset": config["preset"], "seed": SEED,
-        "command": f"python scripts/pretrained.py train {name} && python scripts/pretrained.py "
-                   f"export {name} RUN",
+        "command": f"python scripts/pretrained.py train {name}"
+                   + (" --fine-tune" if fine_tuned else "")
+                   + f" && python scripts/pretrained.py export {name} RUN",
         "cpu": f"{machine['cpu']}, {machine['cores']} cores, "
                f"{'/'.join(machine['cpu_flags']) or 'no AVX'}",
         "train_time_s": results["train_time_s"],
@@ -132,9 +163,11 @@ def export(name: str, run_dir: Path, people: Path | None, real: Path | None,
         "epochs": config["train"]["epochs"], "parameters": results["parameters"],
         "size_bytes": weights.stat().st_size, "sha256": file_sha256(weights),
         "temperature": config["calibration"]["temperature"],
+        "thresholds": config["calibration"].get("thresholds", {}),
         "figures": [*_figures(name, results, people, real, heldout)[:1],
                     _predicted_sample(name, target, data_dir),
-                    *_figures(name, results, people, real, heldout)[1:]],
+                    *_figures(name, results, people, real, heldout)[1:],
+                    *_declines(declines)],
         "vit_mqa_version": config.get("vit_mqa_version"), "torch": machine.get("torch"),
     }
     atomic_write_text(target / CARD_NAME, json.dumps(card, indent=2) + "\n")
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("name", choices=names)
     t.add_argument("--data-dir")
     t.add_argument("--out", type=Path, help="run directory (default: runs/pretrained-NAME)")
+    t.add_argument("--fine-tune", metavar="MODEL", help="train this model (a folder, or the "
+                   "built-in name) on with the preset (FINE_TUNES) instead of from scratch")
     e = sub.add_parser("export", help="copy a finished run into the package, with its card")
     e.add_argument("name", choices=names)
     e.add_argument("run_dir", type=Path)
@@ -160,11 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data-dir", help="where the test files are (default: vit-mqa's lookup)")
     e.add_argument("--shared-cpu", action="store_true", help="other work shared the CPU "
                    "during training (said so next to its training time)")
+    e.add_argument("--declines", type=Path, help="benchmarks/none_of_these.py (digit model) "
+                   "or benchmarks/fashion_declines.py --json record")
+    e.add_argument("--fine-tuned", action="store_true", help="the run is `train --fine-tune`"
+                   "'s (so the card's command says)")
     args = ap.parse_args(argv)
     if args.command == "train":
-        return train(args.name, args.data_dir, args.out or Path(f"runs/pretrained-{args.name}"))
+        return train(args.name, args.data_dir, args.out or Path(f"runs/pretrained-{args.name}"),
+                     args.fine_tune)
     return export(args.name, args.run_dir, args.people, args.real, args.heldout,
-                  args.data_dir, args.shared_cpu)
+                  args.data_dir, args.shared_cpu, args.declines, args.fine_tuned)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,11 @@ def card_text(name: str) -> str:
              f"  {card['parameters']:,} parameters, {card['size_bytes'] / 1e6:.2f} MB "
              f"(model.safetensors, SHA-256 {card['sha256']})"]
     for figure in card["figures"]:
-        lines.append(f"  {figure['what']}: {100 * figure['accuracy']:.2f} %"
+        shown = (f"{100 * figure['accuracy']:.2f} %" if "accuracy" in figure
+                 else f"{100 * figure['declined']:.1f} % declined"
+                 + (f", {100 * figure['answered_accuracy']:.1f} % of the answered right"
+                    if "answered_accuracy" in figure else ""))
+        lines.append(f"  {figure['what']}: {shown}"
                      + (f" ({figure['images']:,} images)" if figure.get("images") else ""))
     lines.append(f"  trained with: {card['command']}")
     lines.append(f"  on: {card['cpu']} ({card['train_time_s']:.0f} s of training, "
