@@ -5,6 +5,7 @@ an allocation past the memory limit (the harness runs under one)."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -53,7 +54,8 @@ def _mutate_config(config: dict, rng: np.random.Generator) -> bytes:
         if isinstance(parent, dict) and rng.random() < 0.2:
             del parent[path[-1]]
         else:
-            parent[path[-1]] = HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]
+            # A copy: the same dict or list placed twice could come to hold itself.
+            parent[path[-1]] = copy.deepcopy(HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))])
     return json.dumps(config).encode()  # NaN and Infinity as Python writes them
 
 
