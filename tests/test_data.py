@@ -245,3 +245,17 @@ def test_lookup_passes_over_a_copy_of_another_dataset(data_root, tmp_path, monke
     arrays, directory = load_idx_dataset(DATASETS["fashion-mnist"], str(data_root / "mnist"),
                                          download=False)
     assert directory == system / "fashion-mnist"
+
+
+def test_channel_stats_are_summed_in_chunks_and_match_torch():
+    import torch
+
+    from vit_mqa.data.datasets import channel_stats
+
+    x = torch.randint(0, 256, (1001, 3, 6, 5), dtype=torch.uint8)
+    mean, std = channel_stats(x, chunk=97)  # chunks that do not divide the count
+    p = x.float() / 255
+    assert mean == pytest.approx(p.mean(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    assert std == pytest.approx(p.std(dim=(0, 2, 3)).tolist(), abs=1e-6)
+    flat = torch.full((10, 1, 4, 4), 200, dtype=torch.uint8)
+    assert channel_stats(flat) == ((pytest.approx(200 / 255),), (1e-3,))

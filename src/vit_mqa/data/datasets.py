@@ -372,6 +372,26 @@ def load_image_folder(root: Path, classes: list[str] | None, image_size: tuple[i
 # ---------------------------------------------------------------- splits and entry point
 
 
+def channel_stats(images: torch.Tensor, chunk: int | None = None
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (sample) standard deviation of uint8 images (N, C, H, W) in
+    [0, 1], at least 1e-3, summed ``chunk`` images at a time (default: 4 M values, 32 MB
+    in float64): a float copy of the whole set would be four times its size again."""
+    channels = images.shape[1]
+    chunk = chunk or max(1, (4 << 20) // max(1, images[0].numel()))
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].double().div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square_().sum(dim=(0, 2, 3))
+    n = images.numel() // channels
+    mean = total / n
+    var = (squares - n * mean.square()) / max(n - 1, 1)
+    return (tuple(mean.tolist()),
+            tuple(max(float(v), 1e-3) for v in var.clamp_(min=0).sqrt().tolist()))
+
+
 def _holdout(split: Split, size: int, seed: int, what: str) -> tuple[Split, Split]:
     if not 0 < size < len(split) // 2 + 1:
         raise VitMqaError(f"{what} of {size} images does not fit a training set of "
@@ -435,9 +455,7 @@ def load_data(config: DataConfig) -> Data:
             # No test folder: hold out a fixed test split the same size as validation.
             train, test = _holdout(train, config.val_count(len(train)), config.split_seed + 1,
                                    "a test split")
-        pixels = train.images.float().div_(255.0)
-        mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
-        std = tuple(max(s, 1e-3) for s in pixels.std(dim=(0, 2, 3)).tolist())
+        mean, std = channel_stats(train.images)
         source = str(root)
     train, val = _holdout(train, config.val_count(len(train)), config.split_seed,
                           "a validation split")
