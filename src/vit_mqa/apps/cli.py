@@ -1,8 +1,8 @@
 """The ``vit-mqa`` command: train, eval, predict, presets.
 
-Its arguments are in :mod:`vit_mqa.cli_parser` (every setting of every config section is
+Its arguments are in :mod:`vit_mqa.apps.cli_parser` (every setting of every config section is
 also a flag, generated from the config dataclasses so that flags, JSON config files and
-presets can never drift apart), what each subcommand does in :mod:`vit_mqa.cli_commands`.
+presets can never drift apart), what each subcommand does in :mod:`vit_mqa.apps.cli_commands`.
 User errors print one line and exit non-zero.
 """
 

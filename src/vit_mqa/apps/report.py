@@ -13,7 +13,7 @@ Written to ``RUN/report/``:
 
 The test split is scored with the same code as ``vit-mqa eval``. Sample images are
 chosen with a fixed seed, so a report is reproducible. The figures are drawn in
-:mod:`vit_mqa.figures`; this module scores the run and writes the files and the page.
+:mod:`vit_mqa.apps.figures`; this module scores the run and writes the files and the page.
 Needs matplotlib (``pip install 'vit-mqa[report]'``), imported only for the figures.
 """
 

@@ -1,7 +1,7 @@
 """The checks of every config section, in one place and one style: each problem is one
 line (``VitMqaError``) that names the setting, the allowed range and the value given. A
 run directory is something people download, so the bounds also keep a config.json from
-making the loader allocate without limit. The dataclasses of :mod:`vit_mqa.config` call
+making the loader allocate without limit. The dataclasses of :mod:`vit_mqa.config.sections` call
 these when made and from ``validate()``.
 """
 

@@ -3,7 +3,7 @@ checked as it is layered in, and what a resumed run may still change.
 
 A run is described by a plain nested dict with the sections "model", "data", "augment"
 and "train" (plus the preset's name), as saved in its ``config.json``; the sections are
-the dataclasses of :mod:`vit_mqa.config`. No torch is imported, so that the command line
+the dataclasses of :mod:`vit_mqa.config.sections`. No torch is imported, so that the command line
 answers ``--help`` at once.
 """
 

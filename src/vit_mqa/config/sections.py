@@ -2,8 +2,8 @@
 
 A run is described by a plain nested dict with the sections "model", "data", "augment"
 and "train" (plus the preset's name), as saved in its ``config.json``; each section is a
-dataclass below that checks itself when made (:mod:`vit_mqa.config_checks`), and
-:mod:`vit_mqa.recipe` layers presets, JSON files and flags into one. A setting's
+dataclass below that checks itself when made (:mod:`vit_mqa.config.checks`), and
+:mod:`vit_mqa.config.recipe` layers presets, JSON files and flags into one. A setting's
 documentation is the string under it: ``vit-mqa train --help`` shows it. This module
 imports no torch, so that the command line answers ``--help`` at once.
 """

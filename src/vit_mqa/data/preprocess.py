@@ -1,12 +1,12 @@
 """Making a picture look like a run's training data, before prediction.
 
 The procedure is recorded in a run's ``config.json``: ``"mnist"`` (the
-LeCun-Cortes-Burges procedure: the ink found by :mod:`vit_mqa.ink`, cropped, its longer
+LeCun-Cortes-Burges procedure: the ink found by :mod:`vit_mqa.data.ink`, cropped, its longer
 side to 20 px, its strokes brought to MNIST's width, its centre of mass at the centre of
 28x28), ``"fashion-mnist"`` (Xiao-Rasul-Vollgraf: trim the background, longer side to
 the full size, centre, invert to light-on-dark), and the plain geometric ``"stretch"``,
 ``"pad"`` and ``"center-crop"`` of image-folder runs. Files are read by
-:mod:`vit_mqa.images`.
+:mod:`vit_mqa.data.images`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The run's ``preprocess.procedure`` says how an arbitrary picture is made to look like
 the training data: "mnist" and "fashion-mnist" redo those datasets' normalisation
 (polarity, background, crop, scale, centring), image-folder runs fit the picture as
-they did in training ("stretch", "pad", "center-crop"). See :mod:`vit_mqa.preprocess`.
+they did in training ("stretch", "pad", "center-crop"). See :mod:`vit_mqa.data.preprocess`.
 """
 
 from __future__ import annotations

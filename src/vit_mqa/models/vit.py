@@ -7,7 +7,7 @@ output checks, the model. As in timm, ``forward_features`` returns normalised to
 blocks' outputs; ``attention_maps`` computes the per-layer attention probabilities on
 request. Reading and writing model folders (``save_pretrained`` / ``from_pretrained``:
 ``config.json`` + ``model.safetensors``, as in Hugging Face) and the fine-tuning helpers
-``reset_classifier`` / ``no_weight_decay`` come from :mod:`vit_mqa.model_io`.
+``reset_classifier`` / ``no_weight_decay`` come from :mod:`vit_mqa.models.hub`.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class VisionTransformer(nn.Module, PretrainedMixin, library_name="vit-mqa", lice
     ``preprocess`` turns images into this model's input (a loaded model has its run's
     normalisation; a new one scales pixels to [-1, 1]) and ``classes`` names its outputs;
     both live in ``config``, the model's one record of what it is.
-    ``PretrainedMixin`` adds loading, saving and the fine-tuning helpers (model_io).
+    ``PretrainedMixin`` adds loading, saving and the fine-tuning helpers (models.hub).
     """
 
     def __init__(self, config: ViTConfig) -> None:
