@@ -33,8 +33,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from real_styles import _crop, _encode, _margin, _paper, _thin, _u8
+from PIL import Image, ImageDraw, ImageFont
+from real_styles import _crop, _encode, _margin, _paper, _thin, _u8, photographed
 
 from vit_mqa.data.printed import TRAINING_FAMILIES, font_files
 
@@ -98,20 +98,8 @@ def _tilted_letter(font: Path, letter: str, rng: np.random.Generator) -> np.ndar
 
 
 def photo(ink: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
-    """Float ink (light on dark) photographed on grey paper, as real_styles.print_photo:
-    tint, uneven light (gradient and vignette), sensor noise, blur, JPEG."""
-    h, w = ink.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (xx / w - 0.5) * np.cos(angle) + (yy / h - 0.5) * np.sin(angle)
-    r2 = ((xx / w - 0.5) ** 2 + (yy / h - 0.5) ** 2) / 0.5
-    light = (1 + rng.uniform(0.1, 0.4) * ramp) * (1 - rng.uniform(0.1, 0.35) * r2)
-    paper = rng.uniform(0.55, 0.85)
-    gray = (paper + (rng.uniform(0.05, 0.25) - paper) * ink) * light
-    rgb = (gray[..., None] * (1 + rng.uniform(-0.08, 0.08, size=3))
-           + rng.normal(0, rng.uniform(0.01, 0.04), size=(h, w, 3)))
-    img = Image.fromarray(_u8(rgb)).filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
-    return _encode(np.asarray(img), "jpeg", rng)
+    """Float ink (light on dark) photographed on grey paper, as real_styles.print_photo."""
+    return photographed(ink, rng)
 
 
 def _pick(fonts: Sequence[Path], rng: np.random.Generator) -> tuple[Path, str]:

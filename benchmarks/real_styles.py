@@ -231,6 +231,12 @@ def print_clean(font: Path, digit: int, rng: np.random.Generator) -> tuple[bytes
 
 def print_photo(font: Path, digit: int, rng: np.random.Generator) -> tuple[bytes, str]:
     ink = _margin(_tilted(font, digit, int(rng.integers(60, 201)), rng), rng, 1.5, 3.0)
+    return photographed(ink, rng)
+
+
+def photographed(ink: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
+    """Float ink (light on dark) photographed on grey paper: tint, uneven light (gradient
+    and vignette), sensor noise, blur, JPEG."""
     h, w = ink.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
